@@ -1,1 +1,3 @@
 //! prg-proxy
+pub mod config;
+pub mod xmpp;
