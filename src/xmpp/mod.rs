@@ -2,3 +2,8 @@
 //! and the stream / stanza error builders.
 
 pub mod framer;
+pub mod peek;
+pub mod sasl;
+pub mod stream;
+
+pub use framer::{Frame, FrameError, FrameKind, Framer};
