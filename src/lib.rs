@@ -1,3 +1,5 @@
 //! prg-proxy
 pub mod config;
+pub mod route;
+pub mod tls;
 pub mod xmpp;
