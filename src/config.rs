@@ -53,6 +53,19 @@ pub struct Config {
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// DNS for SRV node addresses.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// DNS resolution of `srv` node names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers to ask (UDP and TCP, port included); empty = the
+    /// system's resolver configuration (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
 }
 
 /// How users are spread over the group's nodes.
