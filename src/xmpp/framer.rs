@@ -165,6 +165,13 @@ impl Framer {
         }
     }
 
+    /// A framer for a stream whose header was already read elsewhere.
+    pub fn in_open_stream(max_bytes: usize) -> Self {
+        let mut f = Framer::new(max_bytes);
+        f.in_stream = true;
+        f
+    }
+
     /// Forgets the stream: the next frame must be a stream header again.
     pub fn reset(&mut self) {
         self.restart_frame();
