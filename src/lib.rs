@@ -1,1 +1,2 @@
 //! prg-proxy
+pub mod sim;
