@@ -51,6 +51,8 @@ const NS_PING: &str = "urn:xmpp:ping";
 const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+/// Session ids are unique across all nodes (sessions of a pair are compared by id).
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -178,7 +180,6 @@ struct Shared {
     sessions: RwLock<SessionMap>,
     bound: AtomicUsize,
     logins: AtomicU64,
-    next_id: AtomicU64,
     peer: OnceLock<Weak<Shared>>,
     addr: SocketAddr,
     listener: Mutex<Option<TcpListener>>,
@@ -255,7 +256,6 @@ impl SimNode {
             sessions: RwLock::new(HashMap::new()),
             bound: AtomicUsize::new(0),
             logins: AtomicU64::new(0),
-            next_id: AtomicU64::new(1),
             peer: OnceLock::new(),
             addr,
             listener: Mutex::new(Some(listener)),
@@ -1161,7 +1161,7 @@ impl Conn {
         let full = format!("{user}@{}/{resource}", self.node.domain);
         let (tx, rx) = mpsc::unbounded_channel();
         let sess = Arc::new(Sess {
-            id: self.node.next_id.fetch_add(1, Ordering::Relaxed),
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             user: user.clone(),
             resource: resource.clone(),
             full: full.clone(),

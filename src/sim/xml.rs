@@ -58,6 +58,8 @@ pub(crate) struct Framer {
     max: usize,
     /// An XML declaration is allowed (before a stream header).
     allow_decl: bool,
+    /// Name ranges (in `buf`) of the open elements of the current stanza.
+    open: Vec<(usize, usize)>,
 }
 
 impl Framer {
@@ -70,6 +72,7 @@ impl Framer {
             start: None,
             max: max.max(1024),
             allow_decl: true,
+            open: Vec::new(),
         }
     }
 
@@ -88,6 +91,7 @@ impl Framer {
     pub(crate) fn reset(&mut self) {
         self.depth = 0;
         self.start = None;
+        self.open.clear();
         self.allow_decl = true;
         // Bytes before `pos` that are not part of an element were already
         // consumed; the scan restarts at the next top-level position.
@@ -100,6 +104,7 @@ impl Framer {
         self.pos = 0;
         self.start = None;
         self.depth = 0;
+        self.open.clear();
         chunk.slice(start..)
     }
 
@@ -150,6 +155,11 @@ impl Framer {
                             return Ok(Some(Frame::StreamClose));
                         }
                         return Err(XmlError::NotWellFormed);
+                    }
+                    let name = trim(&self.buf[tag + 2..end - 1]);
+                    match self.open.pop() {
+                        Some((s, e)) if self.buf[s..e] == *name => {}
+                        _ => return Err(XmlError::NotWellFormed),
                     }
                     self.depth = self.depth.saturating_sub(1);
                     self.pos = end;
@@ -205,13 +215,20 @@ impl Framer {
                     let end = tag + off + 1;
                     let self_closing = off > 0 && rest[off - 1] == b'/';
                     self.allow_decl = false;
+                    let name_end = rest[1..]
+                        .iter()
+                        .position(|&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))
+                        .map(|p| p + 1)
+                        .unwrap_or(rest.len());
+                    if name_end == 1 {
+                        return Err(XmlError::NotWellFormed);
+                    }
+                    if !self_closing {
+                        self.open.push((tag + 1, tag + name_end));
+                    }
                     if self.start.is_none() {
-                        let name_end = rest[1..]
-                            .iter()
-                            .position(|&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))
-                            .map(|p| p + 1)
-                            .unwrap_or(rest.len());
                         if &rest[1..name_end] == b"stream:stream" && !self_closing {
+                            self.open.clear();
                             let header = self.buf.split_to(end).freeze().slice(tag..);
                             self.pos = 0;
                             return Ok(Some(Frame::StreamOpen(header)));
