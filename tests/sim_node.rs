@@ -599,3 +599,61 @@ async fn saslname_escaping_end_to_end() {
         .await
         .expect("login with escaped name");
 }
+
+#[tokio::test]
+async fn garbage_input_ends_connection_but_node_survives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    let inputs: [&[u8]; 6] = [
+        b"\x00\xff\xfe garbage",
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.com' version='1.0'><<<<",
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.com' version='1.0'><auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>!!!</auth><auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AAAA</auth><response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>eA==</response></junk>",
+        b"<stream:stream xmlns='wrong' xmlns:stream='http://etherx.jabber.org/streams'>",
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.com' version='1.0'><a b='1' b='2'/>",
+        b"</stream:stream>",
+    ];
+    for input in inputs {
+        let mut s = tokio::net::TcpStream::connect(node.addr())
+            .await
+            .expect("connect");
+        s.write_all(input).await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(T, s.read_to_end(&mut out))
+            .await
+            .expect("server closes");
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("</stream:stream>"), "{out}");
+    }
+    let mut c = online(&node, "alice", "desk").await;
+    c.ping().await.expect("node still serves");
+}
+
+#[tokio::test]
+async fn message_throughput_smoke() {
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    let mut a = online(&node, "alice", "a").await;
+    let mut b = online(&node, "bob", "b").await;
+    let n = 2000;
+    let start = std::time::Instant::now();
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            a.send_message("bob@example.com/b", &format!("m{i}"))
+                .await
+                .expect("send");
+        }
+        a
+    });
+    for i in 0..n {
+        let m = b
+            .wait_for(T, |s| s.name == "message")
+            .await
+            .expect("message");
+        assert_eq!(m.body(), Some(format!("m{i}")));
+    }
+    let _a = sender.await.expect("join");
+    let el = start.elapsed();
+    eprintln!(
+        "{n} messages in {el:?} ({:.0}/s, debug build)",
+        n as f64 / el.as_secs_f64()
+    );
+}

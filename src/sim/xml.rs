@@ -99,7 +99,14 @@ impl Framer {
         self.pos = 0;
     }
 
-    fn take(&mut self, start: usize, end: usize) -> Bytes {
+    fn take(&mut self, start: usize, end: usize) -> Result<Option<Frame>, XmlError> {
+        if end - start > self.max {
+            return Err(XmlError::PolicyViolation);
+        }
+        Ok(Some(Frame::Element(self.take_bytes(start, end))))
+    }
+
+    fn take_bytes(&mut self, start: usize, end: usize) -> Bytes {
         let chunk = self.buf.split_to(end).freeze();
         self.pos = 0;
         self.start = None;
@@ -165,7 +172,7 @@ impl Framer {
                     self.pos = end;
                     if self.depth == 0 {
                         let start = self.start.unwrap_or(tag);
-                        return Ok(Some(Frame::Element(self.take(start, end))));
+                        return self.take(start, end);
                     }
                 }
                 b'?' => {
@@ -208,6 +215,9 @@ impl Framer {
                     // Any other markup declaration (ENTITY, ELEMENT, ...) is a DTD part.
                     return Err(XmlError::RestrictedXml);
                 }
+                c if !(c.is_ascii_alphabetic() || c == b'_' || c == b':' || c >= 0x80) => {
+                    return Err(XmlError::NotWellFormed);
+                }
                 _ => {
                     let Some(off) = tag_end(rest) else {
                         return self.need_more();
@@ -235,7 +245,7 @@ impl Framer {
                         }
                         self.start = Some(tag);
                         if self_closing {
-                            return Ok(Some(Frame::Element(self.take(tag, end))));
+                            return self.take(tag, end);
                         }
                         self.depth = 1;
                     } else if !self_closing {
@@ -550,5 +560,50 @@ mod tests {
         let e = parse_element(b"<a x='&lt;'><b>hi &amp; you</b></a>").expect("ok");
         assert_eq!(e.attr("x"), Some("<"));
         assert_eq!(e.child("b").map(|b| b.text.as_str()), Some("hi & you"));
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let seed = std::fs::read("/work/shared/fixtures/captures/alice-scram-sha1.c2s.xml")
+            .unwrap_or_else(|_| {
+                b"<stream:stream><message to='a'><body>x &amp; y</body></message>".to_vec()
+            });
+        let alphabet = b"<>/?!-='\"&;: abcxDOCTYPE[]CDATA\n";
+        for round in 0..3000 {
+            let mut data = seed.clone();
+            for _ in 0..rng.gen_range(1..20) {
+                let i = rng.gen_range(0..data.len());
+                match rng.gen_range(0..3) {
+                    0 => data[i] = alphabet[rng.gen_range(0..alphabet.len())],
+                    1 => data.insert(i, rng.gen()),
+                    _ => {
+                        data.remove(i);
+                    }
+                }
+            }
+            if round % 10 == 0 {
+                data = (0..rng.gen_range(0..400))
+                    .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                    .collect();
+            }
+            let mut f = Framer::new(4096);
+            for c in data.chunks(rng.gen_range(1..64)) {
+                f.buf_mut().extend_from_slice(c);
+                loop {
+                    match f.next_frame() {
+                        Ok(Some(Frame::Element(b))) => {
+                            let _ = parse_element(&b);
+                        }
+                        Ok(Some(Frame::StreamOpen(b))) => {
+                            let _ = parse_start(&b);
+                        }
+                        Ok(Some(Frame::StreamClose)) => {}
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
     }
 }
