@@ -25,6 +25,7 @@ pub mod logging;
 pub mod proxy;
 pub mod route;
 pub mod signals;
+pub mod sim;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
