@@ -84,6 +84,8 @@ pub struct ClientConnection {
     shared: Arc<Shared>,
     /// Flips to `true` when the proxy shuts down.
     shutdown: watch::Receiver<bool>,
+    /// End of the pre-auth allowance (until the `<auth>` is forwarded).
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// What pre-auth produced: a TLS client stream and the opened node stream
@@ -113,6 +115,7 @@ impl ClientConnection {
             direct_tls,
             shared,
             shutdown,
+            deadline: None,
         }
     }
 
@@ -141,18 +144,12 @@ impl ClientConnection {
 
     async fn serve(&mut self, tcp: TcpStream) -> End {
         let _ = tcp.set_nodelay(true);
-        let limits = self.shared.config.limits.clone();
-        let deadline = tokio::time::Instant::now() + limits.pre_auth_timeout;
-        let mut shutdown = self.shutdown.clone();
-        let pre = tokio::select! {
-            r = tokio::time::timeout_at(deadline, self.pre_auth(tcp)) => match r {
-                Ok(r) => r,
-                Err(_) => Err(End::Error(ConnError::Timeout("pre-auth"))),
-            },
-            _ = wait_shutdown(&mut shutdown) => Err(End::Shutdown),
-        };
-        match pre {
-            Ok(a) => self.relay(a).await,
+        self.deadline = Some(tokio::time::Instant::now() + self.shared.config.limits.pre_auth_timeout);
+        match self.pre_auth(tcp).await {
+            Ok(a) => {
+                self.deadline = None;
+                self.relay(a).await
+            }
             Err(end) => end,
         }
     }
@@ -442,11 +439,33 @@ impl ClientConnection {
                 }
             }
             buf.reserve(self.shared.config.limits.read_buffer_bytes);
-            match io.read_buf(buf).await {
-                Ok(0) => return Err(End::ClientClosed),
-                Ok(_) => {}
-                Err(e) => return Err(End::Error(ConnError::Client(format!("read: {e}")))),
+            let deadline = self
+                .deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let mut shutdown = self.shutdown.clone();
+            let stop = tokio::select! {
+                r = tokio::time::timeout_at(deadline, io.read_buf(buf)) => match r {
+                    Ok(Ok(0)) => return Err(End::ClientClosed),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(End::Error(ConnError::Client(format!("read: {e}")))),
+                    Err(_) => None,
+                },
+                _ = wait_shutdown(&mut shutdown) => Some(()),
+            };
+            let mut out = String::new();
+            if !header_sent {
+                out.push_str(&stream::server_header(&self.shared.config.group.domains[0], &stream_id()));
             }
+            let end = if stop.is_some() {
+                out.push_str(&stream::stream_error("system-shutdown", Some("the proxy is shutting down; reconnect"), None));
+                End::Shutdown
+            } else {
+                out.push_str(&stream::stream_error("connection-timeout", Some("authentication took too long"), None));
+                End::Error(ConnError::Timeout("pre-auth"))
+            };
+            let _ = io.write_all(out.as_bytes()).await;
+            let _ = io.shutdown().await;
+            return Err(end);
         }
     }
 
