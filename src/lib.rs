@@ -1,1 +1,3 @@
 //! prg-proxy
+
+pub mod group;
