@@ -604,7 +604,10 @@ impl GroupState {
 
     /// The critical services the driver reported down on `node`.
     pub fn services_down(&self, node: NodeId) -> impl Iterator<Item = &str> {
-        self.nodes[node.index()].services_down.keys().map(String::as_str)
+        self.nodes[node.index()]
+            .services_down
+            .keys()
+            .map(String::as_str)
     }
 
     /// The row of the source's Table 2 that the current combination is (1-based),
@@ -634,7 +637,7 @@ impl GroupState {
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut out: Option<Instant> = None;
         let mut consider = |t: Instant| {
-            if t > self.now && out.is_none_or(|o| t < o) {
+            if t > self.now && out.map_or(true, |o| t < o) {
                 out = Some(t);
             }
         };
@@ -836,7 +839,13 @@ impl GroupState {
                 match r.state {
                     NodeState::Initializing => r.seen = true,
                     NodeState::Down => {
-                        self.set(id, NodeState::Initializing, Reason::Initialization, now, step);
+                        self.set(
+                            id,
+                            NodeState::Initializing,
+                            Reason::Initialization,
+                            now,
+                            step,
+                        );
                         self.nodes[id.index()].seen = true;
                     }
                     _ => {}
@@ -871,7 +880,10 @@ impl GroupState {
             }
             Event::SrmRestarted(id) => self.srm_restarted(id, now, step),
             Event::StatusUnknown(id) => {
-                if self.pending.is_some_and(|p| p.to == id || p.to == id.peer()) {
+                if self
+                    .pending
+                    .is_some_and(|p| p.to == id || p.to == id.peer())
+                {
                     self.pending = None;
                 }
                 self.set(id, NodeState::Unknown, Reason::None, now, step);
@@ -944,7 +956,8 @@ impl GroupState {
         match state {
             NodeState::Idle | NodeState::FailedOver => {}
             NodeState::FailoverAffectedServices if self.healthy(id) => {}
-            NodeState::FailoverAffectedServices | NodeState::FailedOverCriticalServicesNotRunning => {
+            NodeState::FailoverAffectedServices
+            | NodeState::FailedOverCriticalServicesNotRunning => {
                 return Err(Rejected::CriticalServicesNotRunning { node: id })
             }
             NodeState::Down => return Err(Rejected::Unreachable { node: id }),
@@ -1045,7 +1058,13 @@ impl GroupState {
         let state = self.nodes[id.index()].state;
         if state == NodeState::Down {
             self.nodes[id.index()].last_ok = now;
-            self.set(id, NodeState::Initializing, Reason::Initialization, now, step);
+            self.set(
+                id,
+                NodeState::Initializing,
+                Reason::Initialization,
+                now,
+                step,
+            );
             self.nodes[id.index()].seen = true;
             return;
         }
@@ -1055,7 +1074,13 @@ impl GroupState {
             // Table 2 row 21: a recovery manager restarting while its peer is failed.
             self.pending = None;
             for n in [id, peer] {
-                self.set(n, NodeState::RunningInFailedMode, Reason::Unknown, now, step);
+                self.set(
+                    n,
+                    NodeState::RunningInFailedMode,
+                    Reason::Unknown,
+                    now,
+                    step,
+                );
             }
             return;
         }
@@ -1063,7 +1088,13 @@ impl GroupState {
             NodeState::Normal => {}
             NodeState::Initializing => self.nodes[id.index()].seen = true,
             NodeState::Unknown | NodeState::RunningInFailedMode => {
-                self.set(id, NodeState::Initializing, Reason::Initialization, now, step);
+                self.set(
+                    id,
+                    NodeState::Initializing,
+                    Reason::Initialization,
+                    now,
+                    step,
+                );
                 self.nodes[id.index()].seen = true;
             }
             NodeState::FailedOver | NodeState::FailedOverCriticalServicesNotRunning => {
@@ -1092,7 +1123,16 @@ impl GroupState {
         }
         let ha = self.params.high_availability;
 
-        if let Some(p) = self.pending.take() {
+        if let Some(p) = self.pending {
+            if p.kind == MoveKind::Takeover && p.to != id {
+                // The node being failed over is expected to be failing; only
+                // losing it altogether is news.
+                if unreachable {
+                    self.set(id, NodeState::Down, Reason::None, now, step);
+                }
+                return;
+            }
+            self.pending = None;
             // An error during a transition: both nodes run in failed mode.
             let why = if p.kind == MoveKind::Takeback && p.to == id && !unreachable {
                 Reason::StartCriticalServicesFailed
@@ -1238,12 +1278,24 @@ impl GroupState {
             }
             NodeState::RunningInFailedMode => {
                 for n in [id, peer] {
-                    self.set(n, NodeState::RunningInFailedMode, Reason::Unknown, now, step);
+                    self.set(
+                        n,
+                        NodeState::RunningInFailedMode,
+                        Reason::Unknown,
+                        now,
+                        step,
+                    );
                 }
             }
             s if s.is_failed_over() && ha => {
                 // It was the backup; nobody serves anyone until it is back.
-                self.set(id, NodeState::RunningInBackupMode, Reason::Initialization, now, step);
+                self.set(
+                    id,
+                    NodeState::RunningInBackupMode,
+                    Reason::Initialization,
+                    now,
+                    step,
+                );
                 for home in NodeId::ALL {
                     self.route(home, Some(id), Reason::Initialization, step);
                 }

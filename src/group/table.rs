@@ -78,68 +78,114 @@ pub fn row(a: (S, R), b: (S, R)) -> Option<u8> {
 pub fn action(row: u8) -> &'static str {
     match row {
         1 => "Normal. Nothing to do.",
-        2 => "The administrator started a manual failover from the primary to the backup; \
-              it is in progress. Wait until the users have moved.",
-        3 => "The manual failover from the primary to the backup is complete. Fall back \
-              when the primary should serve its users again.",
-        4 => "The administrator started a manual fallback from the backup to the primary; \
-              it is in progress. Wait until the users have moved back.",
-        5 => "The recovery manager was restarted on the primary while it was Idle. Fall \
-              back when the primary should serve its users again.",
-        6 => "Both nodes (or both recovery managers) were restarted while the group was \
-              manually failed over. Fall back when the primary should serve its users again.",
-        7 => "The recovery manager was restarted on the backup while it ran in backup mode, \
-              before the primary's heartbeat timed out. Fall back when ready.",
-        8 => "The recovery manager was restarted on the backup while it was taking over, \
-              before the primary's heartbeat timed out. Wait for the takeover to complete.",
-        9 => "The recovery manager was restarted on the primary while it was taking back, \
+        2 => {
+            "The administrator started a manual failover from the primary to the backup; \
+              it is in progress. Wait until the users have moved."
+        }
+        3 => {
+            "The manual failover from the primary to the backup is complete. Fall back \
+              when the primary should serve its users again."
+        }
+        4 => {
+            "The administrator started a manual fallback from the backup to the primary; \
+              it is in progress. Wait until the users have moved back."
+        }
+        5 => {
+            "The recovery manager was restarted on the primary while it was Idle. Fall \
+              back when the primary should serve its users again."
+        }
+        6 => {
+            "Both nodes (or both recovery managers) were restarted while the group was \
+              manually failed over. Fall back when the primary should serve its users again."
+        }
+        7 => {
+            "The recovery manager was restarted on the backup while it ran in backup mode, \
+              before the primary's heartbeat timed out. Fall back when ready."
+        }
+        8 => {
+            "The recovery manager was restarted on the backup while it was taking over, \
+              before the primary's heartbeat timed out. Wait for the takeover to complete."
+        }
+        9 => {
+            "The recovery manager was restarted on the primary while it was taking back, \
               before the backup's heartbeat timed out. Both nodes become Normal when the \
-              takeback completes.",
-        10 => "An automatic fallback from the backup to the primary is in progress. Wait \
-               until the users have moved back.",
-        11 => "The primary is Failed Over with its critical services running again (it was \
+              takeback completes."
+        }
+        10 => {
+            "An automatic fallback from the backup to the primary is in progress. Wait \
+               until the users have moved back."
+        }
+        11 => {
+            "The primary is Failed Over with its critical services running again (it was \
                restarted, or the administrator started the services). It is ready: perform \
-               a manual fallback to return the group to Normal.",
-        12 => "A critical service is down on the primary; the users were failed over to the \
+               a manual fallback to return the group to Normal."
+        }
+        12 => {
+            "A critical service is down on the primary; the users were failed over to the \
                backup automatically. 1. Check which critical services are down on the primary \
                and start them. 2. If they do not start, restart the primary. 3. When all \
-               critical services run, perform a manual fallback.",
-        13 => "The database is down on the primary; the users were failed over to the backup \
+               critical services run, perform a manual fallback."
+        }
+        13 => {
+            "The database is down on the primary; the users were failed over to the backup \
                automatically. 1. Restart the primary. 2. When all critical services run, \
-               perform a manual fallback.",
-        14 => "Critical services did not start on the node taking its users back. On that \
+               perform a manual fallback."
+        }
+        14 => {
+            "Critical services did not start on the node taking its users back. On that \
                node: 1. Check which critical services are down; click Recovery to start them. \
                2. If they do not start, restart the node. 3. When all critical services run, \
-               perform a manual fallback.",
-        15 => "A critical service went down on the backup; both nodes are in the failed state. \
+               perform a manual fallback."
+        }
+        15 => {
+            "A critical service went down on the backup; both nodes are in the failed state. \
                1. Check which critical services are down on the backup; click Recovery to \
-               start them. 2. If they do not start, restart the node.",
-        16 => "The backup lost the primary's heartbeat (network loss, or its recovery manager \
+               start them. 2. If they do not start, restart the node."
+        }
+        16 => {
+            "The backup lost the primary's heartbeat (network loss, or its recovery manager \
                is not running) and took over its users. 1. Check and repair the network \
                between the nodes; once it is back the nodes may enter the failed state: click \
                Recovery. 2. Start the recovery manager and perform a manual fallback. 3. If the \
                primary is down, repair it and power it on. 4. When it is up with all critical \
-               services running, perform a manual fallback.",
-        17 => "The primary went down (power outage, hardware failure, shutdown or restart) and \
+               services running, perform a manual fallback."
+        }
+        17 => {
+            "The primary went down (power outage, hardware failure, shutdown or restart) and \
                the backup took over its users. 1. Repair the primary and power it on. 2. When \
-               it is up with all critical services running, perform a manual fallback.",
-        18 => "The backup did not see the primary while starting up. When the primary is up \
-               with all critical services running, perform a manual fallback.",
-        19 => "Moving the users during a takeover failed (possibly a database error). Click \
-               Recovery; if the problem persists, restart the nodes.",
-        20 => "Moving the users back during a fallback failed (possibly a database error). \
-               Click Recovery; if the problem persists, restart the nodes.",
-        21 => "A recovery manager restarted while its peer was in the failed state, or an \
+               it is up with all critical services running, perform a manual fallback."
+        }
+        18 => {
+            "The backup did not see the primary while starting up. When the primary is up \
+               with all critical services running, perform a manual fallback."
+        }
+        19 => {
+            "Moving the users during a takeover failed (possibly a database error). Click \
+               Recovery; if the problem persists, restart the nodes."
+        }
+        20 => {
+            "Moving the users back during a fallback failed (possibly a database error). \
+               Click Recovery; if the problem persists, restart the nodes."
+        }
+        21 => {
+            "A recovery manager restarted while its peer was in the failed state, or an \
                internal error occurred. Click Recovery; if the problem persists, restart the \
-               nodes.",
-        22 => "The database went down on the backup; the failed-over primary could take every \
+               nodes."
+        }
+        22 => {
+            "The database went down on the backup; the failed-over primary could take every \
                user and auto-recovery moved them all to it. Repair the backup, then fall back \
-               to it.",
-        23 => "A critical service went down on the backup; the failed-over primary could take \
+               to it."
+        }
+        23 => {
+            "A critical service went down on the backup; the failed-over primary could take \
                every user and auto-recovery moved them all to it. Repair the backup, then fall \
-               back to it.",
-        24 => "The node states are unknown; high availability is possibly not enabled \
-               correctly. Restart the recovery manager on both nodes.",
+               back to it."
+        }
+        24 => {
+            "The node states are unknown; high availability is possibly not enabled \
+               correctly. Restart the recovery manager on both nodes."
+        }
         _ => "No such row.",
     }
 }
