@@ -31,7 +31,12 @@
 //!    then settles in the stable states (or in failed mode if the move failed);
 //! 5. routes each login by [`GroupState::serving`] and shows
 //!    [`GroupState::recommended_action`] on the status page.
+//!
+//! The observations come from [`probe`]: TCP connect, an XMPP stream that reads
+//! the node's SASL mechanisms, and an HTTP 2xx check, each bounded by a timeout.
+//! [`table`] holds the source's Table 2 texts.
 
+pub mod probe;
 mod state;
 pub mod table;
 
