@@ -1094,6 +1094,56 @@ fn assignment_none_serves_nobody() {
 }
 
 #[test]
+fn srm_restart_reported_for_a_down_node_brings_it_back() {
+    let mut s = Sim::normal();
+    s.alive[0] = false;
+    s.run(60);
+    s.ev(Event::MoveCompleted { node: N2, ok: true });
+    s.alive[0] = true;
+    s.ev(Event::SrmRestarted(N1));
+    assert_eq!(s.g.state(N1), (S::FailedOver, R::Initialization));
+    s.ev(Event::AdminFallback(N1));
+    s.ev(Event::MoveCompleted { node: N1, ok: true });
+    assert_eq!(s.g.table_row(), Some(1));
+    assert_eq!(s.serving(), [Some(N1), Some(N2)]);
+}
+
+#[test]
+fn backup_failing_during_takeover_fails_the_group() {
+    let mut s = Sim::normal();
+    s.ev(Event::AdminFailover(N1));
+    s.ev(Event::Database {
+        node: N2,
+        ok: false,
+    });
+    s.run(90);
+    assert_eq!(
+        s.states(),
+        [
+            (S::RunningInFailedMode, R::DatabaseFailure),
+            (S::RunningInFailedMode, R::DatabaseFailure)
+        ]
+    );
+    assert_eq!(s.g.move_in_progress(), None);
+    s.ev(Event::Database { node: N2, ok: true });
+    s.ev(Event::AdminRecovery);
+    assert_eq!(s.g.table_row(), Some(1));
+}
+
+#[test]
+fn advice_outside_the_table_is_never_empty() {
+    let mut s = Sim::fresh(GroupParams::default());
+    assert_eq!(s.g.table_row(), None);
+    assert!(s.g.recommended_action().contains("initializing"));
+    s.ev(Event::HeartbeatOk(N1));
+    s.ev(Event::HeartbeatOk(N2));
+    s.alive[1] = false;
+    s.run(60);
+    assert_eq!(s.g.state(N1), (S::TakingOver, R::PeerDown));
+    assert!(!s.g.recommended_action().is_empty());
+}
+
+#[test]
 fn display_names_follow_the_source() {
     assert_eq!(S::RunningInBackupMode.to_string(), "Running in Backup Mode");
     assert_eq!(

@@ -880,12 +880,8 @@ impl GroupState {
             }
             Event::SrmRestarted(id) => self.srm_restarted(id, now, step),
             Event::StatusUnknown(id) => {
-                if self
-                    .pending
-                    .is_some_and(|p| p.to == id || p.to == id.peer())
-                {
-                    self.pending = None;
-                }
+                // A move in flight always involves both nodes; nobody can finish it now.
+                self.pending = None;
                 self.set(id, NodeState::Unknown, Reason::None, now, step);
             }
             Event::MoveCompleted { node, ok } => match self.pending {
