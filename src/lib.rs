@@ -10,6 +10,7 @@
 //! - [`connection`] — one client connection, phase by phase, with `run()`.
 //! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
 //! - [`upstream`] — node addresses (host:port, DNS SRV) and node streams.
+//! - [`group`] — the redundancy group: recovery-manager state machine, probes.
 //! - [`route`] — user assignment (home node) and who serves each home now.
 //! - [`tracker`] — every user's JSM sessions, per node: the hot path.
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,
@@ -21,6 +22,7 @@
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod group;
 pub mod logging;
 pub mod proxy;
 pub mod route;
