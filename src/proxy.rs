@@ -97,17 +97,27 @@ impl Shared {
         debug!(node, "node connection failure");
     }
 
-    /// Opens a stream to each node and offers the mechanisms that every
+    /// Opens a stream to each node (concurrently, each bounded by the
+    /// upstream connect timeout) and offers the mechanisms that every
     /// answering node supports.
     pub async fn learn_mechanisms(&self) {
         let domain = &self.config.group.domains[0];
         let limits = &self.config.limits;
+        let open = |i: usize| async move {
+            match self.upstreams.get(i) {
+                Some(u) => Some((
+                    u,
+                    u.open(&self.dns, domain, limits.max_stanza_bytes, limits.upstream_connect_timeout)
+                        .await,
+                )),
+                None => None,
+            }
+        };
+        // A group has at most two nodes: ask both at once.
+        let (first, second) = tokio::join!(open(0), open(1));
         let mut common: Option<Vec<String>> = None;
-        for u in &self.upstreams {
-            match u
-                .open(&self.dns, domain, limits.max_stanza_bytes, limits.upstream_connect_timeout)
-                .await
-            {
+        for (u, r) in [first, second].into_iter().flatten() {
+            match r {
                 Ok(mut s) => {
                     use tokio::io::AsyncWriteExt;
                     let _ = s.io.write_all(b"</stream:stream>").await;

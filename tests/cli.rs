@@ -1,0 +1,168 @@
+//! The `prg-proxy` binary: config errors exit 64 naming the key; SIGTERM
+//! drains connections with `<system-shutdown/>`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use prg_proxy::sim::{ClientError, SimClient, SimNodeConfig, SimPair};
+
+const BIN: &str = env!("CARGO_BIN_EXE_prg-proxy");
+
+fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("proxy.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn good_config(certs: &Certs) -> String {
+    config_text(
+        &["127.0.0.1:15222".parse().unwrap(), "127.0.0.1:15223".parse().unwrap()],
+        "balanced",
+        certs,
+        "",
+    )
+}
+
+fn check(text: &str, certs: &Certs) -> (i32, String) {
+    let p = write_config(certs.dir.path(), text);
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&p).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_good_config_checks() {
+    let certs = Certs::new();
+    let (code, err) = check(&good_config(&certs), &certs);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_bad_group_name_exits_64_naming_the_key() {
+    let certs = Certs::new();
+    let text = good_config(&certs).replace("name = \"test-group\"", "name = \"bad name!\"");
+    let (code, err) = check(&text, &certs);
+    assert_eq!(code, 64);
+    assert!(err.contains("`group.name`"), "{err}");
+    // `run` refuses the same way, before binding anything.
+    let p = write_config(certs.dir.path(), &text);
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`group.name`"));
+}
+
+#[test]
+fn other_config_errors_exit_64_naming_the_key() {
+    let certs = Certs::new();
+    let base = good_config(&certs);
+    let cases = [
+        (base.replace("description = \"simulated pair\"", "description = \"a<b\""), "group.description"),
+        (base.replace("high_availability", "high_availabilty"), "high_availabilty"),
+        (base.replace(&certs.cert(), "/nonexistent/cert.pem"), "tls.cert"),
+        (format!("{base}\n[[nodes]]\nname = \"imp3\"\naddress = \"127.0.0.1:1\"\n"), "nodes"),
+        (base.replace("name = \"imp2\"", "name = \"imp1\""), "nodes[1].name"),
+    ];
+    for (text, key) in cases {
+        let p = write_config(certs.dir.path(), &text);
+        let out = Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+    }
+}
+
+/// Never leaves a proxy running when a test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// Multi-threaded: the test blocks a thread reading the proxy's log while
+// the simulated nodes must keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_system_shutdown() {
+    let pair = SimPair::start(
+        SimNodeConfig::new("imp1", DOMAIN, users()),
+        SimNodeConfig::new("imp2", DOMAIN, users()),
+    )
+    .await
+    .unwrap();
+    let certs = Certs::new();
+    let text = config_text(
+        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+        "balanced",
+        &certs,
+        "[limits]\nshutdown_grace = \"5s\"\n",
+    )
+    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
+    let p = write_config(certs.dir.path(), &text);
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&p)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let child = &mut child.0;
+    // The log says where it listens.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("proxy logs its listener");
+        if let Some(rest) = line.split("addr=").nth(1) {
+            if line.contains("listening") {
+                break rest.split_whitespace().next().unwrap().parse::<std::net::SocketAddr>().unwrap();
+            }
+        }
+    };
+    let tls = prg_proxy::sim::ClientTls::StartTls {
+        config: certs.client.clone(),
+        server_name: DOMAIN.into(),
+    };
+    let mut alice = SimClient::connect(addr, DOMAIN, tls.clone()).await.unwrap();
+    alice.login("alice", "pw", "PLAIN").await.unwrap();
+    alice.bind("a").await.unwrap();
+    let mut dave = SimClient::connect(addr, DOMAIN, tls).await.unwrap();
+    dave.login("dave", "pw", "PLAIN").await.unwrap();
+    dave.bind("d").await.unwrap();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for c in [&mut alice, &mut dave] {
+        match c.recv(T).await {
+            Err(ClientError::StreamError { condition, .. }) => assert_eq!(condition, "system-shutdown"),
+            other => panic!("expected system-shutdown, got {other:?}"),
+        }
+    }
+    // The process exits by itself, well within the grace period, with 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "proxy did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+    let log: Vec<String> = rx.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("all connections closed")), "{log:?}");
+}
