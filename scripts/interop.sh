@@ -41,6 +41,7 @@ PY=/usr/bin/python3
 log() { echo "interop: $*" >&2; }
 die() {
     log "ERROR: $*"
+    SETUP_ERROR="$*"
     exit 1
 }
 
@@ -117,7 +118,10 @@ ensure_deps() {
 
 TMP=""
 PIDS=()
-FAILED_SETUP=1
+PROXY_PID=""
+SHOW_LOGS=1     # print the log tails at exit unless every check passed
+SETUP_ERROR=""
+SUMMARY=""      # the final "<N> passed, <M> failed" line
 
 print_logs() {
     local f
@@ -130,22 +134,32 @@ print_logs() {
     done
 }
 
+# wait_exit PID TENTHS: wait up to TENTHS/10 s for PID to exit.
+wait_exit() {
+    local i
+    for ((i = 0; i < $2; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 cleanup() {
     local rc=$?
     set +e
-    if [ "$rc" != 0 ] || [ "$FAILED_SETUP" != 0 ]; then
+    if [ "$rc" != 0 ] || [ "$SHOW_LOGS" != 0 ]; then
         print_logs
     fi
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null
+    local pid f
+    # The proxy first; then Prosody itself (by its pidfile: runuser then reaps
+    # it and exits); whatever is left gets TERM, then KILL.
+    [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null
+    for f in "$TMP"/node1/prosody.pid "$TMP"/node2/prosody.pid; do
+        [ -n "$TMP" ] && [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null
     done
     for pid in "${PIDS[@]}"; do
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null
+        wait_exit "$pid" 50 || kill "$pid" 2>/dev/null
+        wait_exit "$pid" 30 || kill -9 "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
     if [ -n "$TMP" ] && [ -d "$TMP" ]; then
@@ -155,6 +169,13 @@ cleanup() {
             rm -rf "$TMP"
         fi
     fi
+    if [ -z "$SUMMARY" ]; then
+        # setup failed before the client checks could run
+        echo "FAIL setup: ${SETUP_ERROR:-interrupted (exit status $rc)}"
+        SUMMARY="0 passed, 1 failed"
+        [ "$rc" != 0 ] || rc=1
+    fi
+    echo "$SUMMARY"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -201,7 +222,7 @@ EOF
 
 start_prosody() {
     local name=$1 port=$2 dir="$TMP/$1"
-    mkdir -p "$dir/data"
+    mkdir -p "$dir/data" "$dir/certs"
     sed -e "s|@NAME@|$name|g" -e "s|@DIR@|$dir|g" -e "s|@C2S_PORT@|$port|g" \
         -e "s|@GROUPS_FILE@|$TMP/groups.txt|g" \
         "$HERE/prosody.cfg.lua.in" >"$dir/prosody.cfg.lua"
@@ -292,22 +313,47 @@ if [ "$MODE" = proxy ]; then
     write_proxy_config "$TMP/proxy.toml" "$NODE1_PORT" "$NODE2_PORT" "$STARTTLS_PORT" "$DIRECT_TLS_PORT"
     log "starting $PROXY_BIN run --config $TMP/proxy.toml"
     RUST_LOG="${RUST_LOG:-info}" "$PROXY_BIN" run --config "$TMP/proxy.toml" >"$TMP/proxy.log" 2>&1 &
-    PIDS+=($!)
-    wait_port "$STARTTLS_PORT" "prg-proxy (STARTTLS listener)" "$!" 30
-    wait_port "$DIRECT_TLS_PORT" "prg-proxy (direct TLS listener)" "${PIDS[-1]}" 10
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_port "$STARTTLS_PORT" "prg-proxy (STARTTLS listener)" "$PROXY_PID" 30
+    wait_port "$DIRECT_TLS_PORT" "prg-proxy (direct TLS listener)" "$PROXY_PID" 10
     log "prg-proxy: STARTTLS on 127.0.0.1:$STARTTLS_PORT, direct TLS on 127.0.0.1:$DIRECT_TLS_PORT"
     CLIENT_ARGS+=(--host 127.0.0.1 --port "$STARTTLS_PORT" --direct-tls-port "$DIRECT_TLS_PORT")
 else
     CLIENT_ARGS+=(--host 127.0.0.1 --port "$NODE1_PORT" --no-tls)
 fi
-FAILED_SETUP=0
 
-set +e
-"$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}"
-rc=$?
-set -e
-if [ "$rc" != 0 ]; then
-    FAILED_SETUP=1 # print the logs
-    exit "$rc"
+# A proxy that is listening may still be probing the nodes for their SASL
+# mechanisms: wait (bounded) until a client would be offered some.
+if [ "$MODE" = proxy ]; then
+    "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 30 ||
+        die "prg-proxy listens but offers no SASL mechanisms after STARTTLS"
 fi
-exit 0
+
+OUT="$TMP/clients.out"
+set +e
+"$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --no-summary | tee "$OUT"
+set -e
+
+# The servers must have survived everything the clients did.
+check_alive() {
+    if kill -0 "$2" 2>/dev/null; then
+        echo "PASS $1" | tee -a "$OUT"
+    else
+        echo "FAIL $1: process $2 has exited" | tee -a "$OUT"
+    fi
+}
+check_alive prosody1-still-running "${PIDS[0]}"
+check_alive prosody2-still-running "${PIDS[1]}"
+if [ "$MODE" = proxy ]; then
+    check_alive prg-proxy-still-running "$PROXY_PID"
+fi
+
+PASSED=$(grep -c '^PASS ' "$OUT" || true)
+FAILED=$(grep -c '^FAIL ' "$OUT" || true)
+SUMMARY="$PASSED passed, $FAILED failed"
+if [ "$FAILED" = 0 ] && [ "$PASSED" -gt 0 ]; then
+    SHOW_LOGS=0
+    exit 0
+fi
+exit 1

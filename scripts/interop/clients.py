@@ -554,8 +554,30 @@ class Suite:
         await self.check("fresh-alice-login-still-works", self.fresh_login)
         for c in self.cleanup:
             await c.close()
-        print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
+        if not o.no_summary:
+            print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
         return self.failed == 0 and self.passed > 0
+
+
+async def wait_ready(opts):
+    """Poll until a client would be offered SASL mechanisms (the proxy learns them
+    from the nodes); bounded by opts.wait_ready seconds."""
+    deadline = time.monotonic() + opts.wait_ready
+    last = None
+    while time.monotonic() < deadline:
+        raw = RawStream(opts)
+        try:
+            feats = await asyncio.wait_for(raw.open_secure(), 5)
+            if mechanisms_of(feats):
+                return True
+            last = "no mechanisms in %s" % feats
+        except Exception as e:
+            last = "%s: %s" % (type(e).__name__, e)
+        finally:
+            raw.close()
+        await asyncio.sleep(0.5)
+    print("not ready after %gs: %s" % (opts.wait_ready, last), file=sys.stderr, flush=True)
+    return False
 
 
 def main():
@@ -570,6 +592,13 @@ def main():
         action="store_true",
         help="baseline mode: plain TCP straight to a node, proxy-only checks skipped",
     )
+    p.add_argument(
+        "--wait-ready",
+        type=float,
+        metavar="SECONDS",
+        help="only wait until the server offers SASL mechanisms after STARTTLS, then exit",
+    )
+    p.add_argument("--no-summary", action="store_true", help="omit the final summary line")
     p.add_argument("--raw-checks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="slixmpp debug log to stderr")
     opts = p.parse_args()
@@ -579,7 +608,10 @@ def main():
     )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    ok = loop.run_until_complete(Suite(opts).run())
+    if opts.wait_ready is not None:
+        ok = loop.run_until_complete(wait_ready(opts))
+    else:
+        ok = loop.run_until_complete(Suite(opts).run())
     sys.exit(0 if ok else 1)
 
 
