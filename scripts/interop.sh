@@ -171,7 +171,7 @@ cleanup() {
     fi
     if [ -z "$SUMMARY" ]; then
         # setup failed before the client checks could run
-        echo "FAIL setup: ${SETUP_ERROR:-interrupted (exit status $rc)}"
+        echo "FAIL setup: ${SETUP_ERROR:-a setup step failed (exit status $rc), see the messages above}"
         SUMMARY="0 passed, 1 failed"
         [ "$rc" != 0 ] || rc=1
     fi
@@ -274,8 +274,8 @@ starttls = "127.0.0.1:$starttls"
 direct_tls = "127.0.0.1:$direct"
 
 [tls]
-cert = "$REPO/certs/dev-cert.pem"
-key = "$REPO/certs/dev-key.pem"
+cert = "$CERT"
+key = "$KEY"
 EOF
 }
 
@@ -290,14 +290,28 @@ if [ "$MODE" = proxy ]; then
     # build before starting anything, so a failed build leaves nothing running
     PROXY_BIN="$(build_proxy)"
     [ -x "$PROXY_BIN" ] || die "no proxy binary at $PROXY_BIN"
-    [ -f "$REPO/certs/dev-cert.pem" ] && [ -f "$REPO/certs/dev-key.pem" ] ||
-        die "missing development certificate $REPO/certs/dev-cert.pem / dev-key.pem"
 fi
 
 TMP="$(mktemp -d /tmp/prg-interop.XXXXXX)"
 chmod 755 "$TMP"
 cp "$HERE/groups.txt" "$TMP/groups.txt"
 chmod 644 "$TMP/groups.txt"
+
+if [ "$MODE" = proxy ]; then
+    CERT="$REPO/certs/dev-cert.pem"
+    KEY="$REPO/certs/dev-key.pem"
+    if [ ! -f "$CERT" ] || [ ! -f "$KEY" ]; then
+        # Not committed (yet): a throw-away self-signed certificate will do, the
+        # test clients do not verify it.
+        log "no $CERT / $KEY: generating a temporary self-signed certificate"
+        command -v openssl >/dev/null || apt_install openssl
+        CERT="$TMP/dev-cert.pem"
+        KEY="$TMP/dev-key.pem"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=example.com" \
+            -addext "subjectAltName=DNS:example.com,DNS:localhost,IP:127.0.0.1" \
+            -keyout "$KEY" -out "$CERT" >/dev/null 2>&1 || die "openssl could not make a certificate"
+    fi
+fi
 
 mapfile -t PORTS < <(free_ports 4)
 NODE1_PORT=${PORTS[0]}
@@ -326,7 +340,7 @@ fi
 # A proxy that is listening may still be probing the nodes for their SASL
 # mechanisms: wait (bounded) until a client would be offered some.
 if [ "$MODE" = proxy ]; then
-    "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 30 ||
+    "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 60 ||
         die "prg-proxy listens but offers no SASL mechanisms after STARTTLS"
 fi
 
