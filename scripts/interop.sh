@@ -47,8 +47,10 @@ die() {
 
 # ---------------------------------------------------------------- dependencies
 
+# Another apt/dpkg run (e.g. a background install) holds the locks: wait.
 wait_for_apt_lock() {
     local i
+    command -v fuser >/dev/null 2>&1 || return 0 # apt-get waits itself (Lock::Timeout)
     for i in $(seq 1 300); do
         if ! fuser /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock \
             /var/cache/apt/archives/lock >/dev/null 2>&1; then
@@ -60,20 +62,18 @@ wait_for_apt_lock() {
     die "apt/dpkg lock still held after 10 minutes"
 }
 
+apt_get() {
+    wait_for_apt_lock
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 "$@"
+}
+
+# apt_install PKG...: install; on failure refresh the package lists and retry.
 apt_install() {
     local i
-    export DEBIAN_FRONTEND=noninteractive
-    wait_for_apt_lock
-    if apt-get install -y --no-install-recommends "$@"; then
-        return 0
-    fi
-    wait_for_apt_lock
-    apt-get update
+    apt_get install -y "$@" && return 0
+    apt_get update || true
     for i in 1 2 3; do
-        wait_for_apt_lock
-        if apt-get install -y --no-install-recommends "$@"; then
-            return 0
-        fi
+        apt_get install -y "$@" && return 0
         sleep 5
     done
     die "apt-get install $* failed"
@@ -85,29 +85,27 @@ pkg_installed() {
 
 ensure_deps() {
     local missing=()
-    command -v fuser >/dev/null 2>&1 || missing+=(psmisc)
     [ -x "$PY" ] || missing+=(python3)
     pkg_installed prosody || missing+=(prosody)
     pkg_installed python3-slixmpp || missing+=(python3-slixmpp)
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing: ${missing[*]}"
-        if ! command -v fuser >/dev/null 2>&1; then
-            # cannot watch the lock without fuser: let apt wait for it itself
-            export DEBIAN_FRONTEND=noninteractive
-            apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends psmisc ||
-                { apt-get -o DPkg::Lock::Timeout=600 update &&
-                    apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends psmisc; }
-        fi
         apt_install "${missing[@]}"
     fi
     # The Debian package's Prosody service may have been started by the install:
     # it would hold 5222/5269. It is not ours and not needed; leave it alone, our
     # nodes use their own ports.
     if ! "$PY" -c 'import slixmpp' >/dev/null 2>&1; then
+        # Debian's slixmpp does not import here: install it with pip, for
+        # /usr/bin/python3 if possible, else for the python3 on PATH.
         log "$PY cannot import slixmpp; trying pip"
-        "$PY" -m pip install --break-system-packages slixmpp ||
-            "$PY" -m pip install slixmpp ||
-            die "no slixmpp for $PY"
+        "$PY" -m pip --version >/dev/null 2>&1 || apt_install python3-pip || true
+        if ! { "$PY" -m pip install --break-system-packages slixmpp ||
+            "$PY" -m pip install slixmpp; }; then
+            PY="$(command -v python3)"
+            "$PY" -m pip install slixmpp || die "could not install slixmpp with pip"
+        fi
+        "$PY" -c 'import slixmpp' || die "$PY still cannot import slixmpp"
     fi
     command -v prosody >/dev/null || die "prosody not on PATH after install"
     command -v prosodyctl >/dev/null || die "prosodyctl not on PATH after install"

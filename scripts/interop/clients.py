@@ -490,7 +490,7 @@ class Suite:
             await raw.open_secure()
             raw.buf = b""
             await raw.send("<!DOCTYPE foo>")
-            data = await raw.read_all()
+            data = await self.read_answer(raw, "a DTD")
         finally:
             raw.close()
         text = data.decode("utf-8", "replace")
@@ -508,18 +508,35 @@ class Suite:
                 % (self.opts.domain, body)
             )
             # Read while writing: the proxy may answer and close before it has
-            # read the whole stanza.
-            reader = asyncio.ensure_future(raw.read_all())
+            # read the whole stanza, or stop reading it (backpressure).
+            async def send():
+                try:
+                    await raw.send(stanza)
+                except (ConnectionError, ssl.SSLError, OSError):
+                    pass
+
+            sender = asyncio.ensure_future(send())
             try:
-                await raw.send(stanza)
-            except (ConnectionError, ssl.SSLError, OSError):
-                pass
-            data = await reader
+                data = await self.read_answer(raw, "a 300 KiB stanza")
+            finally:
+                sender.cancel()
         finally:
             raw.close()
         text = data.decode("utf-8", "replace")
         if "policy-violation" not in text:
             raise CheckFailed("no <policy-violation/> stream error; got %r" % text[-600:])
+
+    async def read_answer(self, raw, what):
+        """What the server sends until it closes the stream, bounded: a server
+        that silently accepts the input fails the check instead of hanging it."""
+        wait = max(2.0, self.opts.timeout / 2)
+        try:
+            return await asyncio.wait_for(raw.read_all(), wait)
+        except asyncio.TimeoutError:
+            raise CheckFailed(
+                "stream still open %gs after %s, no stream error; got %r"
+                % (wait, what, raw.buf[-300:].decode("utf-8", "replace"))
+            )
 
     async def fresh_login(self):
         c = self.new_client("alice", "fresh", "SCRAM-SHA-1")

@@ -158,7 +158,10 @@ class Stub:
                 nw.close()
                 return await self.stream_error(cw, "restricted-xml")
             ends = list(STANZA_END_RX.finditer(chunk))
-            pending = len(chunk) - ends[-1].end() if ends else pending + len(chunk)
+            if ends and pending + ends[0].end() > MAX_STANZA:
+                pending = MAX_STANZA + 1  # the stanza that just ended was too big
+            else:
+                pending = len(chunk) - ends[-1].end() if ends else pending + len(chunk)
             if pending > MAX_STANZA:
                 nw.close()
                 return await self.stream_error(cw, "policy-violation")
