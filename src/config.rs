@@ -1,0 +1,674 @@
+//! Configuration: TOML, `deny_unknown_fields`, validated completely before any
+//! socket is bound.
+//!
+//! [`Config::load`] parses and [`Config::validate`] checks every rule (group
+//! name and description characters, node count and distinctness, address
+//! forms, limits). A [`ConfigError`] always names the offending key, so that
+//! `prg-proxy check --config FILE` and startup can say exactly what to fix;
+//! the binary exits with code 64 (`EX_USAGE`) on any of them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the key that caused it.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `group.name` or `nodes[1].address`.
+    pub key: String,
+    /// What is wrong and, where possible, what would be right.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The presence redundancy group in front of which the proxy sits.
+    pub group: GroupConfig,
+    /// The group's one or two nodes, in order: the first is node 1 (primary
+    /// in active/standby mode).
+    pub nodes: Vec<NodeConfig>,
+    /// Server Recovery Manager parameters (heartbeats, critical services).
+    #[serde(default)]
+    pub srm: SrmConfig,
+    /// Client-facing listeners.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// Client-facing TLS certificate(s).
+    pub tls: TlsConfig,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// DNS for SRV node addresses.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// DNS resolution of `srv` node names.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers to ask (UDP and TCP, port included); empty = the
+    /// system's resolver configuration (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+}
+
+/// How users are spread over the group's nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssignmentMode {
+    /// Users spread evenly over both nodes (the source's default).
+    #[default]
+    Balanced,
+    /// Every user on the first node; the second is the backup.
+    ActiveStandby,
+    /// No user is assigned: nobody can log in.
+    None,
+}
+
+/// The presence redundancy group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// At most 128 letters, digits, `_` and `-`.
+    pub name: String,
+    /// At most 128 characters, none of `"` `%` `&` `\` `<` `>`.
+    #[serde(default)]
+    pub description: String,
+    /// Whether the group fails over automatically. Off by default, as in the
+    /// source: an operator enables it once both nodes are known good.
+    #[serde(default)]
+    pub high_availability: bool,
+    /// User assignment mode.
+    #[serde(default)]
+    pub assignment: AssignmentMode,
+    /// XMPP domain(s) served; the first is the default.
+    pub domains: Vec<String>,
+    /// Optional per-user overrides: a TOML file with a `[users]` table mapping
+    /// bare JIDs to node names (balanced mode only).
+    #[serde(default)]
+    pub assignment_file: Option<PathBuf>,
+}
+
+/// How the proxy talks to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plain TCP (a node on the same host or a trusted segment).
+    #[default]
+    None,
+    /// STARTTLS after the stream opens.
+    Starttls,
+    /// TLS from the first byte (XEP-0368).
+    Direct,
+}
+
+/// One node of the group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name, shown in logs, hints and the status page.
+    pub name: String,
+    /// `host:port` of the node's client port.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// A domain whose `_xmpp-client._tcp` SRV records name the node.
+    #[serde(default)]
+    pub srv: Option<String>,
+    /// TLS towards the node.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// PEM file of the CA certificates trusted for the node (required when
+    /// `tls` is not `none`).
+    #[serde(default)]
+    pub tls_roots: Option<PathBuf>,
+    /// Name checked in the node's certificate (default: the host or SRV domain).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Client re-login lower limit for this node (source default 120 s).
+    #[serde(default = "default_relogin_lower", with = "humantime_serde")]
+    pub relogin_lower: Duration,
+    /// Client re-login upper limit for this node (source default 537 s).
+    #[serde(default = "default_relogin_upper", with = "humantime_serde")]
+    pub relogin_upper: Duration,
+}
+
+fn default_relogin_lower() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_relogin_upper() -> Duration {
+    Duration::from_secs(537)
+}
+
+/// Server Recovery Manager parameters, with the source's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SrmConfig {
+    /// Port the SRM peers talk on (informational for the proxy; 22001).
+    pub service_port: u16,
+    /// Admin RPC / HTTP port (20075).
+    pub admin_rpc_port: u16,
+    /// How long a critical service may be down before failover (90 s).
+    #[serde(with = "humantime_serde")]
+    pub critical_service_delay: Duration,
+    /// Move users back to the primary after it has been healthy for
+    /// `auto_fallback_after` (off by default).
+    pub auto_fallback: bool,
+    /// Healthy time before an automatic fallback (30 min).
+    #[serde(with = "humantime_serde")]
+    pub auto_fallback_after: Duration,
+    /// Heartbeat timeout while initializing (120 s).
+    #[serde(with = "humantime_serde")]
+    pub initial_heartbeat_timeout: Duration,
+    /// Heartbeat timeout (60 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Heartbeat interval (15 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Fail over when the node's authentication service fails.
+    pub auth_service_monitoring: bool,
+}
+
+impl Default for SrmConfig {
+    fn default() -> Self {
+        SrmConfig {
+            service_port: 22001,
+            admin_rpc_port: 20075,
+            critical_service_delay: Duration::from_secs(90),
+            auto_fallback: false,
+            auto_fallback_after: Duration::from_secs(30 * 60),
+            initial_heartbeat_timeout: Duration::from_secs(120),
+            heartbeat_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(15),
+            auth_service_monitoring: false,
+        }
+    }
+}
+
+/// Client-facing listeners; at least one must be set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// STARTTLS listener (XMPP default 5222).
+    pub starttls: Option<SocketAddr>,
+    /// Direct TLS listener (XEP-0368, default 5223, ALPN `xmpp-client`).
+    pub direct_tls: Option<SocketAddr>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            starttls: Some(SocketAddr::from(([0, 0, 0, 0], 5222))),
+            direct_tls: Some(SocketAddr::from(([0, 0, 0, 0], 5223))),
+        }
+    }
+}
+
+/// Client-facing TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain for the default domain.
+    pub cert: PathBuf,
+    /// PEM private key for `cert`.
+    pub key: PathBuf,
+    /// Extra certificates chosen by SNI, one per served domain.
+    #[serde(default)]
+    pub sni: Vec<SniCert>,
+}
+
+/// A certificate served for one SNI name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    /// The server name clients ask for.
+    pub domain: String,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Limits and timeouts. Every one is a knob with a default that suits a
+/// production pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Concurrent client connections; further accepts wait for a slot.
+    pub max_connections: usize,
+    /// Time allowed for the client's TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Time from accept until the client's `<auth>` is forwarded to a node.
+    #[serde(with = "humantime_serde")]
+    pub pre_auth_timeout: Duration,
+    /// Largest stanza accepted from either side (advertised with XEP-0478).
+    pub max_stanza_bytes: usize,
+    /// Time allowed to connect to a node and read its stream features.
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// Socket read size per direction.
+    pub read_buffer_bytes: usize,
+    /// Grace period for connections to drain on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 50_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            pre_auth_timeout: Duration::from_secs(30),
+            max_stanza_bytes: 262_144,
+            upstream_connect_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 8192,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("<file>", format!("{}: {e}", path.display())))?;
+        let mut config = Config::parse(&text)?;
+        // Relative paths in the file are relative to the file's folder.
+        if let Some(dir) = path.parent() {
+            config.resolve_paths(dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without touching the file system (validation is
+    /// separate so that tests can build a config in memory).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let key = toml_error_key(&e);
+            ConfigError::new(key, e.to_string().trim_end().to_string())
+        })
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        for s in &mut self.tls.sni {
+            fix(&mut s.cert);
+            fix(&mut s.key);
+        }
+        for n in &mut self.nodes {
+            if let Some(r) = &mut n.tls_roots {
+                fix(r);
+            }
+        }
+        if let Some(f) = &mut self.group.assignment_file {
+            fix(f);
+        }
+    }
+
+    /// Checks every rule; the first violation is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_group_name(&self.group.name)?;
+        validate_description(&self.group.description)?;
+        if self.group.domains.is_empty() {
+            return Err(ConfigError::new(
+                "group.domains",
+                "at least one XMPP domain is required",
+            ));
+        }
+        for (i, d) in self.group.domains.iter().enumerate() {
+            if !is_domain(d) {
+                return Err(ConfigError::new(
+                    format!("group.domains[{i}]"),
+                    format!("{d:?} is not a valid domain name"),
+                ));
+            }
+        }
+        match self.nodes.len() {
+            0 => {
+                return Err(ConfigError::new(
+                    "nodes",
+                    "a group needs one or two nodes, found none",
+                ))
+            }
+            1 | 2 => {}
+            n => {
+                return Err(ConfigError::new(
+                    "nodes",
+                    format!("a group has at most two nodes, found {n}"),
+                ))
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            n.validate(&format!("nodes[{i}]"))?;
+        }
+        if self.nodes.len() == 2 {
+            let (a, b) = (&self.nodes[0], &self.nodes[1]);
+            if a.name == b.name {
+                return Err(ConfigError::new(
+                    "nodes[1].name",
+                    format!("the two nodes of a group must differ; both are named {:?}", a.name),
+                ));
+            }
+            if a.address.is_some() && a.address == b.address {
+                return Err(ConfigError::new(
+                    "nodes[1].address",
+                    "the two nodes of a group must differ; both have the same address",
+                ));
+            }
+            if a.srv.is_some() && a.srv == b.srv {
+                return Err(ConfigError::new(
+                    "nodes[1].srv",
+                    "the two nodes of a group must differ; both have the same SRV name",
+                ));
+            }
+        }
+        if self.listen.starttls.is_none() && self.listen.direct_tls.is_none() {
+            return Err(ConfigError::new(
+                "listen",
+                "set at least one of listen.starttls and listen.direct_tls",
+            ));
+        }
+        for (i, s) in self.tls.sni.iter().enumerate() {
+            if !is_domain(&s.domain) {
+                return Err(ConfigError::new(
+                    format!("tls.sni[{i}].domain"),
+                    format!("{:?} is not a valid domain name", s.domain),
+                ));
+            }
+        }
+        self.srm.validate()?;
+        self.limits.validate()?;
+        if self.group.assignment_file.is_some() && self.group.assignment != AssignmentMode::Balanced
+        {
+            return Err(ConfigError::new(
+                "group.assignment_file",
+                "per-user assignment overrides apply to balanced mode only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the optional per-user assignment file: bare JID → node index.
+    pub fn load_assignment_overrides(&self) -> Result<HashMap<String, usize>, ConfigError> {
+        let Some(path) = &self.group.assignment_file else {
+            return Ok(HashMap::new());
+        };
+        let key = "group.assignment_file";
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(key, format!("{}: {e}", path.display())))?;
+        parse_assignment_overrides(&text, &self.nodes)
+            .map_err(|m| ConfigError::new(key, format!("{}: {m}", path.display())))
+    }
+
+    /// The node names, in order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+}
+
+/// Parses an assignment file (`[users]` table of bare JID → node name).
+pub fn parse_assignment_overrides(
+    text: &str,
+    nodes: &[NodeConfig],
+) -> Result<HashMap<String, usize>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        users: HashMap<String, String>,
+    }
+    let f: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let mut out = HashMap::with_capacity(f.users.len());
+    for (jid, node) in f.users {
+        let Some(idx) = nodes.iter().position(|n| n.name == node) else {
+            return Err(format!("user {jid:?} is assigned to unknown node {node:?}"));
+        };
+        out.insert(jid.to_ascii_lowercase(), idx);
+    }
+    Ok(out)
+}
+
+impl NodeConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.name.is_empty()
+            || self.name.len() > 128
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                "a node name is 1 to 128 letters, digits, `.`, `_` or `-`",
+            ));
+        }
+        match (&self.address, &self.srv) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    format!("{at}.srv"),
+                    "give either `address` or `srv`, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    format!("{at}.address"),
+                    "a node needs `address = \"host:port\"` or `srv = \"domain\"`",
+                ))
+            }
+            (Some(a), None) => {
+                if split_host_port(a).is_none() {
+                    return Err(ConfigError::new(
+                        format!("{at}.address"),
+                        format!("{a:?} is not host:port"),
+                    ));
+                }
+            }
+            (None, Some(d)) => {
+                if !is_domain(d) {
+                    return Err(ConfigError::new(
+                        format!("{at}.srv"),
+                        format!("{d:?} is not a valid domain name"),
+                    ));
+                }
+            }
+        }
+        if self.tls != UpstreamTls::None && self.tls_roots.is_none() {
+            return Err(ConfigError::new(
+                format!("{at}.tls_roots"),
+                "TLS towards a node needs a PEM file of trusted CA certificates",
+            ));
+        }
+        if self.relogin_lower > self.relogin_upper {
+            return Err(ConfigError::new(
+                format!("{at}.relogin_lower"),
+                "the re-login lower limit must not exceed the upper limit",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SrmConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let nz = |key: &str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::new(format!("srm.{key}"), "must be greater than zero"))
+            } else {
+                Ok(())
+            }
+        };
+        nz("heartbeat_interval", self.heartbeat_interval)?;
+        nz("heartbeat_timeout", self.heartbeat_timeout)?;
+        nz("initial_heartbeat_timeout", self.initial_heartbeat_timeout)?;
+        if self.heartbeat_timeout < self.heartbeat_interval {
+            return Err(ConfigError::new(
+                "srm.heartbeat_timeout",
+                "must be at least heartbeat_interval, or every missed beat is a failure",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::new("limits.max_connections", "must be at least 1"));
+        }
+        if self.max_stanza_bytes < 10_000 {
+            return Err(ConfigError::new(
+                "limits.max_stanza_bytes",
+                "RFC 6120 requires accepting stanzas of at least 10000 bytes",
+            ));
+        }
+        if self.read_buffer_bytes < 512 {
+            return Err(ConfigError::new("limits.read_buffer_bytes", "must be at least 512"));
+        }
+        for (k, d) in [
+            ("tls_handshake_timeout", self.tls_handshake_timeout),
+            ("pre_auth_timeout", self.pre_auth_timeout),
+            ("upstream_connect_timeout", self.upstream_connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(format!("limits.{k}"), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Group name rule: 1–128 letters, digits, `_` and `-`.
+pub fn validate_group_name(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(ConfigError::new("group.name", "must not be empty"));
+    }
+    if name.chars().count() > 128 {
+        return Err(ConfigError::new(
+            "group.name",
+            "at most 128 characters are allowed",
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(ConfigError::new(
+            "group.name",
+            format!("{c:?} is not allowed: use letters, digits, `_` and `-`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Group description rule: at most 128 characters, none of `"%&\<>`.
+pub fn validate_description(d: &str) -> Result<(), ConfigError> {
+    if d.chars().count() > 128 {
+        return Err(ConfigError::new(
+            "group.description",
+            "at most 128 characters are allowed",
+        ));
+    }
+    if let Some(c) = d.chars().find(|c| "\"%&\\<>".contains(*c)) {
+        return Err(ConfigError::new(
+            "group.description",
+            format!("{c:?} is not allowed (none of \" % & \\ < >)"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// Splits `host:port` (IPv6 in brackets) into its parts.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// Best-effort dotted key path for a TOML error (toml reports a span; the
+/// key name is in the message for unknown fields and in the span otherwise).
+fn toml_error_key(e: &toml::de::Error) -> String {
+    let msg = e.message();
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            return rest[..end].to_string();
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        if let Some(end) = rest.find('`') {
+            return rest[..end].to_string();
+        }
+    }
+    match e.span() {
+        Some(span) => format!("at byte {}", span.start),
+        None => "<file>".to_string(),
+    }
+}
+
+/// A complete example configuration (also used by the tests and the docs).
+pub const EXAMPLE: &str = r#"
+[group]
+name = "prg-1"
+description = "IM and Presence pair, building A"
+high_availability = true
+assignment = "balanced"
+domains = ["example.com"]
+
+[[nodes]]
+name = "imp1"
+address = "127.0.0.1:15222"
+
+[[nodes]]
+name = "imp2"
+address = "127.0.0.1:15223"
+
+[listen]
+starttls = "127.0.0.1:5222"
+direct_tls = "127.0.0.1:5223"
+
+[tls]
+cert = "certs/dev-cert.pem"
+key = "certs/dev-key.pem"
+"#;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,719 @@
+//! A small XMPP client for tests, the demo and benches: plain, STARTTLS or
+//! direct TLS, SASL PLAIN / SCRAM-SHA-1, bind, roster, presence, messages,
+//! ping. It speaks the standard wire protocol, so it works against the
+//! simulated node, through the proxy and against a real server (Prosody).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsConnector;
+
+use super::scram::ScramClient;
+use super::stream::Io;
+use super::xml::{esc, local_name, parse_element, parse_start, Element, Frame, Framer};
+
+/// How the client secures the connection.
+#[derive(Clone)]
+pub enum ClientTls {
+    /// Plain TCP.
+    None,
+    /// STARTTLS after the first stream features.
+    StartTls {
+        /// rustls client configuration.
+        config: Arc<rustls::ClientConfig>,
+        /// Name to verify the certificate against (SNI).
+        server_name: String,
+    },
+    /// Direct TLS (XEP-0368) with ALPN `xmpp-client`.
+    Direct {
+        /// rustls client configuration (ALPN is set by the client).
+        config: Arc<rustls::ClientConfig>,
+        /// Name to verify the certificate against (SNI).
+        server_name: String,
+    },
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientTls::None => f.write_str("None"),
+            ClientTls::StartTls { server_name, .. } => write!(f, "StartTls({server_name})"),
+            ClientTls::Direct { server_name, .. } => write!(f, "Direct({server_name})"),
+        }
+    }
+}
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket error.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// TLS setup or handshake error.
+    #[error("tls error: {0}")]
+    Tls(String),
+    /// Nothing arrived in time.
+    #[error("timeout")]
+    Timeout,
+    /// The server closed the stream or the connection.
+    #[error("stream closed")]
+    Closed,
+    /// The server sent a stream error.
+    #[error("stream error <{condition}/>{}", text.as_deref().map(|t| format!(": {t}")).unwrap_or_default())]
+    StreamError {
+        /// Condition element name, e.g. `policy-violation`.
+        condition: String,
+        /// The `<text/>`, if any.
+        text: Option<String>,
+        /// The raw `<stream:error>` XML (with any application-specific child).
+        raw: String,
+    },
+    /// SASL `<failure/>`.
+    #[error("sasl failure <{condition}/>")]
+    SaslFailure {
+        /// Condition element name, e.g. `not-authorized`.
+        condition: String,
+        /// The `<text/>`, if any.
+        text: Option<String>,
+    },
+    /// Unexpected protocol element or content.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// One received top-level element.
+#[derive(Debug, Clone)]
+pub struct Stanza {
+    /// Local element name (`message`, `presence`, `iq`, `features`, ...).
+    pub name: String,
+    /// Attributes (qualified names, unescaped values).
+    pub attrs: Vec<(String, String)>,
+    /// The element exactly as received.
+    pub raw: String,
+}
+
+impl Stanza {
+    fn from_raw(raw: Bytes) -> Result<Stanza, ClientError> {
+        let (name, attrs) = parse_start(&raw)
+            .map_err(|e| ClientError::Protocol(format!("bad element: {}", e.condition())))?;
+        let raw = String::from_utf8(raw.to_vec())
+            .map_err(|_| ClientError::Protocol("invalid UTF-8".into()))?;
+        Ok(Stanza {
+            name: local_name(&name).to_owned(),
+            attrs,
+            raw,
+        })
+    }
+
+    fn tree(&self) -> Option<Element> {
+        parse_element(self.raw.as_bytes()).ok()
+    }
+
+    /// Attribute value.
+    pub fn attr(&self, k: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Text of the `<body/>` child.
+    pub fn body(&self) -> Option<String> {
+        self.tree()?.child("body").map(|b| b.text.clone())
+    }
+
+    /// Text of the first descendant element with this local name.
+    pub fn child_text(&self, name: &str) -> Option<String> {
+        self.tree()?.find(name).map(|b| b.text.clone())
+    }
+
+    /// Whether a descendant element with this local name exists.
+    pub fn has_child(&self, name: &str) -> bool {
+        self.tree().is_some_and(|t| t.find(name).is_some())
+    }
+}
+
+/// A test/demo XMPP client connection.
+pub struct SimClient {
+    io: Box<dyn Io>,
+    framer: Framer,
+    domain: String,
+    from: Option<String>,
+    features: String,
+    mechanisms: Vec<String>,
+    pending: VecDeque<Stanza>,
+    jid: Option<String>,
+    next_id: u64,
+    closed: bool,
+}
+
+impl std::fmt::Debug for SimClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimClient")
+            .field("domain", &self.domain)
+            .field("jid", &self.jid)
+            .finish()
+    }
+}
+
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_STANZA: usize = 4 << 20;
+
+impl SimClient {
+    /// Connect, open the stream (doing STARTTLS or direct TLS if asked) and read the features.
+    pub async fn connect(
+        addr: SocketAddr,
+        domain: &str,
+        tls: ClientTls,
+    ) -> Result<SimClient, ClientError> {
+        Self::connect_with(addr, domain, tls, None).await
+    }
+
+    /// Like [`SimClient::connect`], with a `from` on the stream headers (sent
+    /// after TLS is established, and on every later stream restart).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        domain: &str,
+        tls: ClientTls,
+        from: Option<&str>,
+    ) -> Result<SimClient, ClientError> {
+        let tcp = TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let mut c = SimClient {
+            io: Box::new(tcp),
+            framer: Framer::new(MAX_STANZA),
+            domain: domain.to_owned(),
+            from: from.map(str::to_owned),
+            features: String::new(),
+            mechanisms: Vec::new(),
+            pending: VecDeque::new(),
+            jid: None,
+            next_id: 1,
+            closed: false,
+        };
+        match tls {
+            ClientTls::None => c.open_stream(false).await?,
+            ClientTls::Direct {
+                config,
+                server_name,
+            } => {
+                let mut cfg = (*config).clone();
+                cfg.alpn_protocols = vec![b"xmpp-client".to_vec()];
+                c.upgrade(Arc::new(cfg), &server_name).await?;
+                c.open_stream(true).await?;
+            }
+            ClientTls::StartTls {
+                config,
+                server_name,
+            } => {
+                c.open_stream(false).await?;
+                if !c.features.contains("urn:ietf:params:xml:ns:xmpp-tls") {
+                    return Err(ClientError::Tls("server does not offer STARTTLS".into()));
+                }
+                c.send_raw("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                    .await?;
+                let s = c.next_element(SETUP_TIMEOUT).await?;
+                if s.name != "proceed" {
+                    return Err(ClientError::Tls(format!("STARTTLS refused: {}", s.raw)));
+                }
+                c.upgrade(config, &server_name).await?;
+                c.open_stream(true).await?;
+            }
+        }
+        Ok(c)
+    }
+
+    async fn upgrade(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<(), ClientError> {
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let old = std::mem::replace(&mut self.io, Box::new(super::stream::Dead));
+        let tcp = old
+            .into_tcp()
+            .ok_or_else(|| ClientError::Tls("already TLS".into()))?;
+        let tls =
+            tokio::time::timeout(SETUP_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
+                .await
+                .map_err(|_| ClientError::Timeout)?
+                .map_err(|e| ClientError::Tls(e.to_string()))?;
+        self.io = Box::new(tls);
+        self.framer.clear();
+        Ok(())
+    }
+
+    /// Send a stream header and read the answer header and features.
+    async fn open_stream(&mut self, with_from: bool) -> Result<(), ClientError> {
+        let from = match (&self.from, with_from) {
+            (Some(f), true) => format!(" from='{}'", esc(f)),
+            _ => String::new(),
+        };
+        let header = format!(
+            "<?xml version='1.0'?><stream:stream to='{}'{from} version='1.0' xml:lang='en' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+            esc(&self.domain)
+        );
+        self.framer.reset();
+        self.write(header.as_bytes()).await?;
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        match self.next_frame(deadline).await? {
+            Frame::StreamOpen(_) => {}
+            Frame::StreamClose => return Err(ClientError::Closed),
+            Frame::Element(raw) => {
+                let s = Stanza::from_raw(raw)?;
+                check_stream_error(&s)?;
+                return Err(ClientError::Protocol(format!(
+                    "expected stream header, got {}",
+                    s.raw
+                )));
+            }
+        }
+        let f = self
+            .next_element(deadline.saturating_duration_since(Instant::now()))
+            .await?;
+        if f.name != "features" {
+            return Err(ClientError::Protocol(format!(
+                "expected features, got {}",
+                f.raw
+            )));
+        }
+        let tree = f
+            .tree()
+            .ok_or_else(|| ClientError::Protocol("bad features".into()))?;
+        self.mechanisms = tree
+            .child("mechanisms")
+            .map(|m| {
+                m.children
+                    .iter()
+                    .filter(|c| c.local() == "mechanism")
+                    .map(|c| c.text.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.features = f.raw;
+        Ok(())
+    }
+
+    /// Set the `from` of later stream headers.
+    pub fn set_stream_from(&mut self, jid: Option<String>) {
+        self.from = jid;
+    }
+
+    /// SASL mechanisms of the latest features.
+    pub fn mechanisms(&self) -> Vec<String> {
+        self.mechanisms.clone()
+    }
+
+    /// Raw XML of the latest `<stream:features>`.
+    pub fn features_raw(&self) -> &str {
+        &self.features
+    }
+
+    /// The bound full JID, once bound.
+    pub fn jid(&self) -> Option<&str> {
+        self.jid.as_deref()
+    }
+
+    /// Authenticate (`PLAIN` or `SCRAM-SHA-1`), restart the stream and read the new features.
+    pub async fn login(
+        &mut self,
+        user: &str,
+        password: &str,
+        mechanism: &str,
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        match mechanism {
+            "PLAIN" => {
+                let ir = B64.encode(format!("\0{user}\0{password}"));
+                self.send_raw(&format!(
+                    "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{ir}</auth>"
+                ))
+                .await?;
+                let s = self.sasl_step(deadline).await?;
+                if s.name != "success" {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected SASL answer {}",
+                        s.raw
+                    )));
+                }
+            }
+            "SCRAM-SHA-1" => {
+                let cnonce = B64.encode(rand::random::<[u8; 18]>());
+                let mut sc = ScramClient::new(user, password, &cnonce);
+                let first = B64.encode(sc.client_first());
+                self.send_raw(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{first}</auth>")).await?;
+                let s = self.sasl_step(deadline).await?;
+                if s.name != "challenge" {
+                    return Err(ClientError::Protocol(format!(
+                        "expected challenge, got {}",
+                        s.raw
+                    )));
+                }
+                let server_first = decode_text(&s)?;
+                let fin = sc
+                    .client_final(&server_first)
+                    .map_err(|e| ClientError::Protocol(format!("bad SCRAM challenge: {e:?}")))?;
+                self.send_raw(&format!(
+                    "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+                    B64.encode(fin)
+                ))
+                .await?;
+                let mut s = self.sasl_step(deadline).await?;
+                if s.name == "challenge" {
+                    // Some servers send the server-final message as a challenge.
+                    let v = decode_text(&s)?;
+                    if !sc.verify_server_final(&v) {
+                        return Err(ClientError::Protocol("server signature mismatch".into()));
+                    }
+                    self.send_raw("<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+                        .await?;
+                    s = self.sasl_step(deadline).await?;
+                    if s.name != "success" {
+                        return Err(ClientError::Protocol(format!(
+                            "unexpected SASL answer {}",
+                            s.raw
+                        )));
+                    }
+                } else if s.name == "success" {
+                    let v = decode_text(&s)?;
+                    if !sc.verify_server_final(&v) {
+                        return Err(ClientError::Protocol("server signature mismatch".into()));
+                    }
+                } else {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected SASL answer {}",
+                        s.raw
+                    )));
+                }
+            }
+            other => {
+                self.send_raw(&format!(
+                    "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{}'>=</auth>",
+                    esc(other)
+                ))
+                .await?;
+                let s = self.sasl_step(deadline).await?;
+                return Err(ClientError::Protocol(format!(
+                    "mechanism {other} is not implemented by the client; server said {}",
+                    s.raw
+                )));
+            }
+        }
+        self.open_stream(true).await
+    }
+
+    /// Next SASL element; `<failure>` becomes [`ClientError::SaslFailure`].
+    async fn sasl_step(&mut self, deadline: Instant) -> Result<Stanza, ClientError> {
+        let s = self
+            .next_element(deadline.saturating_duration_since(Instant::now()))
+            .await?;
+        if s.name == "failure" {
+            let t = s.tree();
+            let condition = t
+                .as_ref()
+                .and_then(|t| t.children.iter().find(|c| c.local() != "text"))
+                .map(|c| c.local().to_owned())
+                .unwrap_or_default();
+            let text = t
+                .as_ref()
+                .and_then(|t| t.child("text"))
+                .map(|c| c.text.clone());
+            return Err(ClientError::SaslFailure { condition, text });
+        }
+        Ok(s)
+    }
+
+    fn new_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("sim{}", self.next_id)
+    }
+
+    /// Wait for the iq result/error with this id, queueing other stanzas for [`SimClient::recv`].
+    async fn iq_response(&mut self, id: &str, timeout: Duration) -> Result<Stanza, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self
+                .next_element(deadline.saturating_duration_since(Instant::now()))
+                .await?;
+            if s.name == "iq"
+                && s.attr("id") == Some(id)
+                && matches!(s.attr("type"), Some("result" | "error"))
+            {
+                return Ok(s);
+            }
+            self.pending.push_back(s);
+        }
+    }
+
+    async fn iq(&mut self, inner_and_attrs: &str, payload: &str) -> Result<Stanza, ClientError> {
+        let id = self.new_id();
+        let xml = if payload.is_empty() {
+            format!("<iq id='{id}'{inner_and_attrs}/>")
+        } else {
+            format!("<iq id='{id}'{inner_and_attrs}>{payload}</iq>")
+        };
+        self.send_raw(&xml).await?;
+        let r = self.iq_response(&id, SETUP_TIMEOUT).await?;
+        if r.attr("type") == Some("error") {
+            return Err(ClientError::Protocol(format!("iq error: {}", r.raw)));
+        }
+        Ok(r)
+    }
+
+    /// Bind a resource (empty: server-generated); then the session iq if offered.
+    /// Returns the full JID.
+    pub async fn bind(&mut self, resource: &str) -> Result<String, ClientError> {
+        let res = if resource.is_empty() {
+            String::new()
+        } else {
+            format!("<resource>{}</resource>", esc(resource))
+        };
+        let r = self
+            .iq(
+                " type='set'",
+                &format!("<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>{res}</bind>"),
+            )
+            .await?;
+        let jid = r
+            .child_text("jid")
+            .map(|j| j.trim().to_owned())
+            .ok_or_else(|| ClientError::Protocol(format!("bind result without jid: {}", r.raw)))?;
+        let session = self
+            .features
+            .contains("urn:ietf:params:xml:ns:xmpp-session");
+        let optional = self.features.contains("<optional/>") && session && {
+            // The <optional/> inside <session>, not inside another feature.
+            self.features
+                .split("urn:ietf:params:xml:ns:xmpp-session")
+                .nth(1)
+                .is_some_and(|t| {
+                    t.split("</session>")
+                        .next()
+                        .is_some_and(|s| s.contains("<optional/>"))
+                })
+        };
+        if session && !optional {
+            self.iq(
+                " type='set'",
+                "<session xmlns='urn:ietf:params:xml:ns:xmpp-session'/>",
+            )
+            .await?;
+        }
+        self.jid = Some(jid.clone());
+        Ok(jid)
+    }
+
+    /// Fetch the roster; returns the item JIDs.
+    pub async fn roster(&mut self) -> Result<Vec<String>, ClientError> {
+        let r = self
+            .iq(" type='get'", "<query xmlns='jabber:iq:roster'/>")
+            .await?;
+        let t = r
+            .tree()
+            .ok_or_else(|| ClientError::Protocol("bad roster".into()))?;
+        Ok(t.child("query")
+            .map(|q| {
+                q.children
+                    .iter()
+                    .filter(|c| c.local() == "item")
+                    .filter_map(|c| c.attr("jid").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Send broadcast presence with optional `<show/>` and `<status/>`.
+    pub async fn send_presence(
+        &mut self,
+        show: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let mut p = String::from("<presence>");
+        if let Some(s) = show {
+            p.push_str(&format!("<show>{}</show>", esc(s)));
+        }
+        if let Some(s) = status {
+            p.push_str(&format!("<status>{}</status>", esc(s)));
+        }
+        p.push_str("</presence>");
+        self.send_raw(&p).await
+    }
+
+    /// Send a `chat` message.
+    pub async fn send_message(&mut self, to: &str, body: &str) -> Result<(), ClientError> {
+        let id = self.new_id();
+        self.send_raw(&format!(
+            "<message type='chat' to='{}' id='{id}'><body>{}</body></message>",
+            esc(to),
+            esc(body)
+        ))
+        .await
+    }
+
+    /// Send raw bytes.
+    pub async fn send_raw(&mut self, xml: &str) -> Result<(), ClientError> {
+        self.write(xml.as_bytes()).await
+    }
+
+    async fn write(&mut self, b: &[u8]) -> Result<(), ClientError> {
+        self.io.write_all(b).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Next top-level element. A `<stream:error>` gives [`ClientError::StreamError`],
+    /// the end of the stream [`ClientError::Closed`].
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Stanza, ClientError> {
+        if let Some(s) = self.pending.pop_front() {
+            return Ok(s);
+        }
+        self.next_element(timeout).await
+    }
+
+    /// Receive until `pred` matches, discarding other elements.
+    pub async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Stanza) -> bool,
+    ) -> Result<Stanza, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self
+                .recv(deadline.saturating_duration_since(Instant::now()))
+                .await?;
+            if pred(&s) {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// XEP-0199 ping to the server.
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        let to = format!(" type='get' to='{}'", esc(&self.domain));
+        self.iq(&to, "<ping xmlns='urn:xmpp:ping'/>")
+            .await
+            .map(|_| ())
+    }
+
+    /// Close the stream and wait (bounded) for the server's close.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.send_raw("</stream:stream>").await?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self
+                .next_element(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
+                Ok(_) => continue,
+                Err(ClientError::Closed) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let _ = self.io.shutdown().await;
+        Ok(())
+    }
+
+    async fn next_element(&mut self, timeout: Duration) -> Result<Stanza, ClientError> {
+        let deadline = Instant::now() + timeout;
+        match self.next_frame(deadline).await? {
+            Frame::Element(raw) => {
+                let s = Stanza::from_raw(raw)?;
+                check_stream_error(&s)?;
+                Ok(s)
+            }
+            Frame::StreamClose => {
+                self.closed = true;
+                Err(ClientError::Closed)
+            }
+            Frame::StreamOpen(_) => Err(ClientError::Protocol("unexpected stream header".into())),
+        }
+    }
+
+    async fn next_frame(&mut self, deadline: Instant) -> Result<Frame, ClientError> {
+        loop {
+            if self.closed {
+                return Err(ClientError::Closed);
+            }
+            match self.framer.next_frame() {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(ClientError::Protocol(format!(
+                        "server sent bad XML: {}",
+                        e.condition()
+                    )))
+                }
+            }
+            let n = tokio::time::timeout_at(deadline, self.io.read_buf(self.framer.buf_mut()))
+                .await
+                .map_err(|_| ClientError::Timeout)?;
+            match n {
+                Ok(0) => {
+                    self.closed = true;
+                    return Err(ClientError::Closed);
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+                {
+                    self.closed = true;
+                    return Err(ClientError::Closed);
+                }
+                Err(e) => return Err(ClientError::Io(e)),
+            }
+        }
+    }
+}
+
+fn decode_text(s: &Stanza) -> Result<String, ClientError> {
+    let t = s.tree().map(|t| t.text).unwrap_or_default();
+    let t = t.trim();
+    let b = if t.is_empty() || t == "=" {
+        Vec::new()
+    } else {
+        B64.decode(t)
+            .map_err(|_| ClientError::Protocol("bad base64".into()))?
+    };
+    String::from_utf8(b).map_err(|_| ClientError::Protocol("bad UTF-8 in SASL data".into()))
+}
+
+fn check_stream_error(s: &Stanza) -> Result<(), ClientError> {
+    if s.name != "error"
+        || !s.raw.starts_with("<stream:") && !s.raw.contains("http://etherx.jabber.org/streams")
+    {
+        return Ok(());
+    }
+    let t = s.tree();
+    let streams_ns = "urn:ietf:params:xml:ns:xmpp-streams";
+    let condition = t
+        .as_ref()
+        .and_then(|t| {
+            t.children
+                .iter()
+                .find(|c| c.local() != "text" && c.ns() == Some(streams_ns))
+        })
+        .map(|c| c.local().to_owned())
+        .unwrap_or_else(|| "undefined-condition".to_owned());
+    let text = t
+        .as_ref()
+        .and_then(|t| t.children.iter().find(|c| c.local() == "text"))
+        .map(|c| c.text.clone());
+    Err(ClientError::StreamError {
+        condition,
+        text,
+        raw: s.raw.clone(),
+    })
+}

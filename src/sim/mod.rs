@@ -1,0 +1,18 @@
+//! Built-in simulated IM&P node and a test client.
+//!
+//! [`SimNode`] is a small XMPP c2s server that behaves on the wire like
+//! Prosody (stream features, STARTTLS, SASL PLAIN and SCRAM-SHA-1, resource
+//! binding, roster, presence and message routing, stream errors);
+//! [`SimPair`] joins two nodes of a presence redundancy group so that users
+//! on either node see each other. [`SimClient`] is the client used by the
+//! tests, the demo and the benches; it speaks the standard protocol and also
+//! works through the proxy and against a real server.
+
+pub mod client;
+pub mod node;
+mod scram;
+mod stream;
+mod xml;
+
+pub use client::{ClientError, ClientTls, SimClient, Stanza};
+pub use node::{Roster, SimNode, SimNodeConfig, SimPair};

@@ -1,0 +1,531 @@
+//! Sans-IO stanza framer.
+//!
+//! The framer finds the boundaries of top-level XMPP units in a byte buffer —
+//! the stream header, each stanza (or other first-level element such as
+//! `<auth/>` or `<r/>`), whitespace keep-alives and the stream close — without
+//! building a DOM and without allocating in steady state. It never does I/O:
+//! the caller owns the buffer (normally a `bytes::BytesMut`), appends what it
+//! reads, calls [`Framer::next`], and after `Ok(Some(frame))` removes exactly
+//! `frame.len` bytes from the front. `Ok(None)` means *incomplete*: append
+//! more bytes and call again; scanning resumes where it stopped, so each byte
+//! is looked at once.
+//!
+//! While scanning it enforces RFC 6120 §11 restricted XML (no DTD, comments,
+//! processing instructions other than the XML declaration, or entity
+//! references other than the five predefined ones), basic well-formedness
+//! (balanced, matching tags; quoted attributes; no `<` in attribute values;
+//! valid UTF-8; no control characters) and the stanza size cap.
+
+/// What a complete frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// `<stream:stream ...>` (with any XML declaration before it).
+    Header,
+    /// A complete first-level element: a stanza, `<auth/>`, `<r/>`, ….
+    Stanza,
+    /// Whitespace between first-level elements (keep-alives).
+    Whitespace,
+    /// `</stream:stream>`.
+    Close,
+}
+
+/// A complete frame at the front of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// The frame's kind.
+    pub kind: FrameKind,
+    /// Bytes from the front of the buffer that make up the frame.
+    pub len: usize,
+    /// Offset of the element name (after `<`) in the frame, for `Header` and
+    /// `Stanza`; 0 otherwise.
+    pub name_start: usize,
+    /// Length of the element name.
+    pub name_len: usize,
+    /// Offset just past the end of the first start tag (`>`), so that a peek
+    /// at attributes never looks further.
+    pub head_end: usize,
+}
+
+impl Frame {
+    /// The element name (`iq`, `message`, `stream:stream`, …) of this frame
+    /// within `buf`, the bytes the frame was found in.
+    pub fn name<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.name_start..self.name_start + self.name_len]
+    }
+}
+
+/// Why the input cannot be framed; each maps to one stream error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Malformed XML → `<not-well-formed/>`.
+    #[error("not well-formed XML: {0}")]
+    NotWellFormed(&'static str),
+    /// Forbidden XML feature → `<restricted-xml/>`.
+    #[error("restricted XML: {0}")]
+    Restricted(&'static str),
+    /// Stanza larger than the limit → `<policy-violation/>`.
+    #[error("stanza exceeds {limit} bytes")]
+    TooLarge {
+        /// The configured maximum.
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between first-level elements.
+    Top,
+    /// In a run of whitespace between first-level elements.
+    TopSpace,
+    /// After `<`.
+    Lt,
+    /// Reading a start-tag name.
+    StartName,
+    /// Inside a start tag, between attributes.
+    InTag,
+    /// After `/` in a start tag: `>` must follow.
+    EmptyEnd,
+    /// Inside an attribute value delimited by this quote.
+    AttrValue(u8),
+    /// After `</`, reading the name.
+    EndName,
+    /// After the end-tag name: only whitespace and `>` may follow.
+    EndTail,
+    /// Character data inside an element.
+    Text,
+    /// After `&`, until `;`. `Some(q)` inside an attribute value.
+    Entity(Option<u8>),
+    /// After `<!`; the number of bytes of `[CDATA[` matched so far.
+    Bang(u8),
+    /// Inside a CDATA section; the number of `]` seen just before.
+    CData(u8),
+    /// After `<?`: only the XML declaration is allowed.
+    Pi,
+    /// Inside the XML declaration; whether the last byte was `?`.
+    XmlDecl(bool),
+}
+
+/// Resumable framer state. One per direction of a connection.
+#[derive(Debug, Clone)]
+pub struct Framer {
+    max_bytes: usize,
+    state: State,
+    /// Bytes of the current frame scanned so far.
+    pos: usize,
+    /// Element depth inside the current first-level element.
+    depth: u32,
+    /// Whether a stream header has been seen (first-level elements are only
+    /// allowed inside a stream).
+    in_stream: bool,
+    /// Start of the token being read (name or entity) in the frame.
+    mark: usize,
+    /// Offset of the current frame's first element name.
+    name_start: usize,
+    name_len: usize,
+    head_end: usize,
+    /// Start-tag names of the open elements, as (offset, len) in the frame,
+    /// to match end tags. Capacity is kept across frames.
+    open: Vec<(u32, u32)>,
+    /// Whether the tag being read is an end tag (in `EndName`).
+    xml_decl_seen: bool,
+}
+
+const PREDEFINED: [&[u8]; 5] = [b"lt", b"gt", b"amp", b"quot", b"apos"];
+
+/// Longest entity or character reference (`&#x10FFFF;` is 10 bytes).
+const MAX_ENTITY: usize = 12;
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.') || b >= 0x80
+}
+
+fn is_stream_name(name: &[u8]) -> bool {
+    name == b"stream" || name.ends_with(b":stream")
+}
+
+impl Framer {
+    /// A framer that refuses first-level elements larger than `max_bytes`.
+    pub fn new(max_bytes: usize) -> Self {
+        Framer {
+            max_bytes,
+            state: State::Top,
+            pos: 0,
+            depth: 0,
+            in_stream: false,
+            mark: 0,
+            name_start: 0,
+            name_len: 0,
+            head_end: 0,
+            open: Vec::with_capacity(8),
+            xml_decl_seen: false,
+        }
+    }
+
+    /// A framer for a stream whose header was already read elsewhere.
+    pub fn in_open_stream(max_bytes: usize) -> Self {
+        let mut f = Framer::new(max_bytes);
+        f.in_stream = true;
+        f
+    }
+
+    /// Forgets the stream: the next frame must be a stream header again.
+    pub fn reset(&mut self) {
+        self.restart_frame();
+        self.in_stream = false;
+    }
+
+    /// Whether a stream header has been framed (and not reset since).
+    pub fn in_stream(&self) -> bool {
+        self.in_stream
+    }
+
+    /// The configured size cap.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    fn restart_frame(&mut self) {
+        self.state = State::Top;
+        self.pos = 0;
+        self.depth = 0;
+        self.mark = 0;
+        self.name_start = 0;
+        self.name_len = 0;
+        self.head_end = 0;
+        self.open.clear();
+        self.xml_decl_seen = false;
+    }
+
+    fn done(&mut self, kind: FrameKind, len: usize) -> Frame {
+        let f = Frame {
+            kind,
+            len,
+            name_start: self.name_start,
+            name_len: self.name_len,
+            head_end: self.head_end,
+        };
+        self.restart_frame();
+        f
+    }
+
+    /// Scans `buf` (the unconsumed input, starting at the current frame) and
+    /// returns the next complete frame, `Ok(None)` if more input is needed,
+    /// or the reason the input is unacceptable. After an error the framer
+    /// must not be used again (the stream is closed).
+    pub fn next(&mut self, buf: &[u8]) -> Result<Option<Frame>, FrameError> {
+        let mut i = self.pos;
+        let n = buf.len();
+        while i < n {
+            if i >= self.max_bytes {
+                return Err(FrameError::TooLarge {
+                    limit: self.max_bytes,
+                });
+            }
+            let b = buf[i];
+            match self.state {
+                State::Top => {
+                    if is_space(b) {
+                        // A run at the start of a frame is a keep-alive; after
+                        // an XML declaration it belongs to the header.
+                        if i == 0 {
+                            self.state = State::TopSpace;
+                        }
+                    } else if b == b'<' {
+                        self.state = State::Lt;
+                    } else {
+                        return Err(FrameError::NotWellFormed(
+                            "text outside of a stanza",
+                        ));
+                    }
+                    i += 1;
+                }
+                State::TopSpace => {
+                    if is_space(b) {
+                        i += 1;
+                    } else {
+                        return Ok(Some(self.done(FrameKind::Whitespace, i)));
+                    }
+                }
+                State::Lt => {
+                    i += 1;
+                    match b {
+                        b'/' => {
+                            self.state = State::EndName;
+                            self.mark = i;
+                        }
+                        b'!' => self.state = State::Bang(0),
+                        b'?' => {
+                            if self.depth != 0 {
+                                return Err(FrameError::Restricted("processing instruction"));
+                            }
+                            self.state = State::Pi;
+                            self.mark = i;
+                        }
+                        _ if is_name_byte(b) && !b.is_ascii_digit() && b != b'-' && b != b'.' => {
+                            self.state = State::StartName;
+                            self.mark = i - 1;
+                        }
+                        _ => return Err(FrameError::NotWellFormed("bad character after '<'")),
+                    }
+                }
+                State::StartName => {
+                    if is_name_byte(b) {
+                        i += 1;
+                        continue;
+                    }
+                    let (s, e) = (self.mark, i);
+                    if self.depth == 0 {
+                        let name = &buf[s..e];
+                        if !self.in_stream && !is_stream_name(name) {
+                            return Err(FrameError::NotWellFormed(
+                                "expected a stream header",
+                            ));
+                        }
+                        if self.xml_decl_seen && !is_stream_name(name) {
+                            return Err(FrameError::NotWellFormed(
+                                "XML declaration not followed by a stream header",
+                            ));
+                        }
+                        self.name_start = s;
+                        self.name_len = e - s;
+                    }
+                    self.open.push((s as u32, (e - s) as u32));
+                    self.depth += 1;
+                    self.state = State::InTag;
+                }
+                State::InTag => {
+                    i += 1;
+                    match b {
+                        b'>' => {
+                            if self.depth == 1 {
+                                self.head_end = i;
+                                let (s, l) = self.open[0];
+                                let name = &buf[s as usize..(s + l) as usize];
+                                if is_stream_name(name) {
+                                    self.in_stream = true;
+                                    check_utf8(&buf[..i])?;
+                                    return Ok(Some(self.done(FrameKind::Header, i)));
+                                }
+                            }
+                            self.state = State::Text;
+                        }
+                        b'/' => self.state = State::EmptyEnd,
+                        b'"' | b'\'' => self.state = State::AttrValue(b),
+                        b'<' => return Err(FrameError::NotWellFormed("'<' inside a tag")),
+                        _ => {}
+                    }
+                }
+                State::EmptyEnd => {
+                    i += 1;
+                    if b != b'>' {
+                        return Err(FrameError::NotWellFormed("'/' not followed by '>'"));
+                    }
+                    self.open.pop();
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        self.head_end = i;
+                        check_utf8(&buf[..i])?;
+                        return Ok(Some(self.done(FrameKind::Stanza, i)));
+                    }
+                    self.state = State::Text;
+                }
+                State::AttrValue(q) => {
+                    i += 1;
+                    if b == q {
+                        self.state = State::InTag;
+                    } else if b == b'<' {
+                        return Err(FrameError::NotWellFormed("'<' in an attribute value"));
+                    } else if b == b'&' {
+                        self.mark = i;
+                        self.state = State::Entity(Some(q));
+                    } else if b < 0x20 && !is_space(b) {
+                        return Err(FrameError::NotWellFormed("control character"));
+                    }
+                }
+                State::EndName => {
+                    if is_name_byte(b) {
+                        i += 1;
+                        continue;
+                    }
+                    let (s, e) = (self.mark, i);
+                    let name = &buf[s..e];
+                    if self.depth == 0 {
+                        if self.in_stream && is_stream_name(name) {
+                            self.state = State::EndTail;
+                            continue;
+                        }
+                        return Err(FrameError::NotWellFormed("unexpected end tag"));
+                    }
+                    let Some((os, ol)) = self.open.pop() else {
+                        return Err(FrameError::NotWellFormed("unexpected end tag"));
+                    };
+                    if &buf[os as usize..(os + ol) as usize] != name {
+                        return Err(FrameError::NotWellFormed("mismatched end tag"));
+                    }
+                    self.depth -= 1;
+                    self.state = State::EndTail;
+                }
+                State::EndTail => {
+                    i += 1;
+                    if is_space(b) {
+                        continue;
+                    }
+                    if b != b'>' {
+                        return Err(FrameError::NotWellFormed("bad end tag"));
+                    }
+                    if self.depth == 0 {
+                        check_utf8(&buf[..i])?;
+                        // The framer stays in the stream after a close: what
+                        // the peer sends afterwards is the caller's to judge.
+                        let kind = if self.name_len == 0 {
+                            FrameKind::Close
+                        } else {
+                            FrameKind::Stanza
+                        };
+                        return Ok(Some(self.done(kind, i)));
+                    }
+                    self.state = State::Text;
+                }
+                State::Text => {
+                    // Hot loop: skip ordinary character data.
+                    let rest = &buf[i..n.min(self.max_bytes)];
+                    match rest
+                        .iter()
+                        .position(|&c| c == b'<' || c == b'&' || (c < 0x20 && !is_space(c)))
+                    {
+                        None => i += rest.len(),
+                        Some(k) => {
+                            i += k;
+                            let c = buf[i];
+                            i += 1;
+                            if c == b'<' {
+                                self.state = State::Lt;
+                            } else if c == b'&' {
+                                self.mark = i;
+                                self.state = State::Entity(None);
+                            } else {
+                                return Err(FrameError::NotWellFormed("control character"));
+                            }
+                        }
+                    }
+                }
+                State::Entity(q) => {
+                    if b == b';' {
+                        check_entity(&buf[self.mark..i])?;
+                        i += 1;
+                        self.state = match q {
+                            Some(q) => State::AttrValue(q),
+                            None => State::Text,
+                        };
+                    } else if i - self.mark >= MAX_ENTITY
+                        || !(b.is_ascii_alphanumeric() || b == b'#' || b == b'_' || b == b'-')
+                    {
+                        return Err(FrameError::NotWellFormed("bad entity reference"));
+                    } else {
+                        i += 1;
+                    }
+                }
+                State::Bang(k) => {
+                    const CDATA: &[u8] = b"[CDATA[";
+                    if k == 0 && (b == b'-' || b == b'D') {
+                        return Err(FrameError::Restricted(if b == b'-' {
+                            "comment"
+                        } else {
+                            "document type declaration"
+                        }));
+                    }
+                    if self.depth == 0 || b != CDATA[k as usize] {
+                        return Err(FrameError::Restricted("markup declaration"));
+                    }
+                    i += 1;
+                    self.state = if k as usize + 1 == CDATA.len() {
+                        State::CData(0)
+                    } else {
+                        State::Bang(k + 1)
+                    };
+                }
+                State::CData(k) => {
+                    i += 1;
+                    self.state = match (b, k) {
+                        (b']', 0) => State::CData(1),
+                        (b']', _) => State::CData(2),
+                        (b'>', 2) => State::Text,
+                        _ => State::CData(0),
+                    };
+                }
+                State::Pi => {
+                    // Only `<?xml` followed by space is the XML declaration.
+                    let got = i + 1 - self.mark;
+                    let want = b"xml ";
+                    let ok = if got < want.len() {
+                        b == want[got - 1]
+                    } else {
+                        is_space(b)
+                    };
+                    if !ok {
+                        return Err(FrameError::Restricted("processing instruction"));
+                    }
+                    i += 1;
+                    if got == want.len() {
+                        self.state = State::XmlDecl(false);
+                    }
+                }
+                State::XmlDecl(q) => {
+                    i += 1;
+                    if q && b == b'>' {
+                        self.xml_decl_seen = true;
+                        self.state = State::Top;
+                    } else {
+                        self.state = State::XmlDecl(b == b'?');
+                    }
+                }
+            }
+        }
+        self.pos = i;
+        if self.state == State::TopSpace && i > 0 {
+            // Deliver a keep-alive as soon as it arrives.
+            return Ok(Some(self.done(FrameKind::Whitespace, i)));
+        }
+        if i >= self.max_bytes {
+            return Err(FrameError::TooLarge {
+                limit: self.max_bytes,
+            });
+        }
+        Ok(None)
+    }
+}
+
+fn check_entity(name: &[u8]) -> Result<(), FrameError> {
+    if let Some(num) = name.strip_prefix(b"#") {
+        let ok = match num.strip_prefix(b"x") {
+            Some(hex) => !hex.is_empty() && hex.iter().all(u8::is_ascii_hexdigit),
+            None => !num.is_empty() && num.iter().all(u8::is_ascii_digit),
+        };
+        return if ok {
+            Ok(())
+        } else {
+            Err(FrameError::NotWellFormed("bad character reference"))
+        };
+    }
+    if PREDEFINED.contains(&name) {
+        Ok(())
+    } else if name.is_empty() {
+        Err(FrameError::NotWellFormed("empty entity reference"))
+    } else {
+        Err(FrameError::Restricted("entity reference"))
+    }
+}
+
+fn check_utf8(bytes: &[u8]) -> Result<(), FrameError> {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(FrameError::NotWellFormed("invalid UTF-8")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

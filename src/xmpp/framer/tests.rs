@@ -1,0 +1,289 @@
+use super::*;
+
+const CAPTURES: [&str; 4] = [
+    "alice-scram-sha1.c2s.xml",
+    "alice-scram-sha1.s2c.xml",
+    "bob-scram-sha256.c2s.xml",
+    "bob-scram-sha256.s2c.xml",
+];
+
+fn capture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/captures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Frames the whole input; whitespace frames are merged so that the result
+/// does not depend on where reads split a keep-alive run.
+fn frame_all(input: &[u8], max: usize) -> Result<Vec<(FrameKind, Vec<u8>)>, FrameError> {
+    let mut f = Framer::new(max);
+    let mut buf = input.to_vec();
+    let mut out = Vec::new();
+    while let Some(fr) = f.next(&buf)? {
+        let bytes: Vec<u8> = buf.drain(..fr.len).collect();
+        push_merged(&mut out, fr.kind, bytes);
+    }
+    assert!(
+        buf.iter().all(|b| is_space(*b)) || !buf.is_empty(),
+        "leftover is incomplete input"
+    );
+    Ok(out)
+}
+
+fn push_merged(out: &mut Vec<(FrameKind, Vec<u8>)>, kind: FrameKind, bytes: Vec<u8>) {
+    if kind == FrameKind::Whitespace {
+        if let Some((FrameKind::Whitespace, prev)) = out.last_mut() {
+            prev.extend_from_slice(&bytes);
+            return;
+        }
+    }
+    out.push((kind, bytes));
+}
+
+/// Feeds the input split at `cut`: first the prefix (which must give only
+/// frames wholly inside it, then Incomplete), then the rest.
+fn frame_split(input: &[u8], cut: usize, max: usize) -> Vec<(FrameKind, Vec<u8>)> {
+    let mut f = Framer::new(max);
+    let mut buf = input[..cut].to_vec();
+    let mut out = Vec::new();
+    let mut consumed = 0;
+    while let Some(fr) = f.next(&buf).expect("prefix frames") {
+        consumed += fr.len;
+        assert!(consumed <= cut);
+        let bytes: Vec<u8> = buf.drain(..fr.len).collect();
+        push_merged(&mut out, fr.kind, bytes);
+    }
+    // Incomplete, and asking again without new bytes changes nothing.
+    assert_eq!(f.next(&buf), Ok(None));
+    buf.extend_from_slice(&input[cut..]);
+    while let Some(fr) = f.next(&buf).expect("rest frames") {
+        let bytes: Vec<u8> = buf.drain(..fr.len).collect();
+        push_merged(&mut out, fr.kind, bytes);
+    }
+    out
+}
+
+#[test]
+fn captures_frame_into_the_same_bytes() {
+    for name in CAPTURES {
+        let input = capture(name);
+        let frames = frame_all(&input, 262_144).expect(name);
+        let joined: Vec<u8> = frames.iter().flat_map(|(_, b)| b.clone()).collect();
+        assert_eq!(joined, input, "{name}: frames are the input, byte for byte");
+        // Two stream headers (before and after SASL) and one close each.
+        let headers = frames.iter().filter(|(k, _)| *k == FrameKind::Header).count();
+        assert_eq!(headers, 2, "{name}");
+        let closes = frames.iter().filter(|(k, _)| *k == FrameKind::Close).count();
+        assert_eq!(closes, 1, "{name}");
+        let stanzas = frames.iter().filter(|(k, _)| *k == FrameKind::Stanza).count();
+        assert!(stanzas > 10, "{name}: {stanzas} stanzas");
+    }
+}
+
+#[test]
+fn every_prefix_gives_incomplete_then_the_same_frames() {
+    for name in CAPTURES {
+        let input = capture(name);
+        let whole = frame_all(&input, 262_144).unwrap();
+        for cut in 0..=input.len() {
+            let split = frame_split(&input, cut, 262_144);
+            assert_eq!(split, whole, "{name} split at {cut}");
+        }
+    }
+}
+
+#[test]
+fn byte_at_a_time() {
+    for name in CAPTURES {
+        let input = capture(name);
+        let whole = frame_all(&input, 262_144).unwrap();
+        let mut f = Framer::new(262_144);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        for &b in &input {
+            buf.push(b);
+            while let Some(fr) = f.next(&buf).unwrap() {
+                let bytes: Vec<u8> = buf.drain(..fr.len).collect();
+                push_merged(&mut out, fr.kind, bytes);
+            }
+        }
+        assert_eq!(out, whole, "{name}");
+    }
+}
+
+const HDR: &str = "<?xml version='1.0'?><stream:stream to='example.com' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>";
+
+fn stream(body: &str) -> Vec<u8> {
+    format!("{HDR}{body}").into_bytes()
+}
+
+#[test]
+fn multibyte_utf8_split_at_every_position() {
+    let input = stream("<message to='b@example.com' type='chat'><body>héllo 世界 🎉 &lt;&amp;&gt; &#x1F600; &#233;</body></message> ");
+    let whole = frame_all(&input, 262_144).unwrap();
+    assert_eq!(whole[1].0, FrameKind::Stanza);
+    for cut in 0..=input.len() {
+        assert_eq!(frame_split(&input, cut, 262_144), whole, "cut {cut}");
+    }
+}
+
+#[test]
+fn frame_reports_name_and_head() {
+    let input = stream("<presence from='a@b/c'><show>dnd</show></presence>");
+    let mut f = Framer::new(1000);
+    let h = f.next(&input).unwrap().unwrap();
+    assert_eq!(h.kind, FrameKind::Header);
+    assert_eq!(h.name(&input), b"stream:stream");
+    let rest = &input[h.len..];
+    let s = f.next(rest).unwrap().unwrap();
+    assert_eq!(s.kind, FrameKind::Stanza);
+    assert_eq!(s.name(rest), b"presence");
+    assert_eq!(&rest[..s.head_end], b"<presence from='a@b/c'>");
+    assert_eq!(s.len, rest.len());
+}
+
+fn first_error(input: &[u8], max: usize) -> FrameError {
+    frame_all(input, max).expect_err("must fail")
+}
+
+#[test]
+fn restricted_xml_is_refused() {
+    let cases = [
+        "<!DOCTYPE foo [<!ENTITY x 'y'>]>",
+        "<message><!-- hi --></message>",
+        "<!-- top-level comment -->",
+        "<message><?php echo 1 ?></message>",
+        "<?target data?>",
+        "<message><body>&xxe;</body></message>",
+        "<message to='&ent;'/>",
+    ];
+    for c in cases {
+        let e = first_error(&stream(c), 262_144);
+        assert!(matches!(e, FrameError::Restricted(_)), "{c}: {e:?}");
+    }
+    // A DOCTYPE before the stream header too.
+    let e = first_error(b"<?xml version='1.0'?><!DOCTYPE x><stream:stream>", 1000);
+    assert!(matches!(e, FrameError::Restricted(_)), "{e:?}");
+}
+
+#[test]
+fn predefined_entities_cdata_and_char_refs_are_fine() {
+    let input = stream("<message><body>&lt;&gt;&amp;&quot;&apos; &#10; &#x41; <![CDATA[a <b> ]] c]]></body></message>");
+    let frames = frame_all(&input, 262_144).unwrap();
+    assert_eq!(frames.len(), 2);
+}
+
+#[test]
+fn malformed_xml_is_refused() {
+    let cases = [
+        "<message></iq>",
+        "<message><body></message>",
+        "hello",
+        "<message to='a<b'/>",
+        "<message to=x/ >",
+        "</foo>",
+        "<message><body>&;</body></message>",
+        "<message><body>& amp;</body></message>",
+        "<message><body>&#xZZ;</body></message>",
+        "<message><body>\u{1}</body></message>",
+        "<1abc/>",
+    ];
+    for c in cases {
+        let e = first_error(&stream(c), 262_144);
+        assert!(matches!(e, FrameError::NotWellFormed(_)), "{c}: {e:?}");
+    }
+    let mut bad = stream("<message><body>");
+    bad.extend_from_slice(&[0xff, 0xfe]);
+    bad.extend_from_slice(b"</body></message>");
+    assert!(matches!(first_error(&bad, 1000), FrameError::NotWellFormed(_)));
+    // A stanza before any stream header.
+    assert!(matches!(
+        first_error(b"<message/>", 1000),
+        FrameError::NotWellFormed(_)
+    ));
+}
+
+#[test]
+fn oversize_stanza_is_refused_without_waiting_for_its_end() {
+    let big = format!("<message><body>{}", "x".repeat(20_000));
+    let input = stream(&big);
+    let mut f = Framer::new(10_000);
+    let h = f.next(&input).unwrap().unwrap();
+    let rest = &input[h.len..];
+    assert_eq!(f.next(rest), Err(FrameError::TooLarge { limit: 10_000 }));
+    // Exactly at the limit is fine.
+    let body = "<message/>";
+    let exact = format!("<message><body>{}</body></message>", "y".repeat(10_000 - 32));
+    assert_eq!(exact.len(), 10_000);
+    let mut f = Framer::new(10_000);
+    assert_eq!(f.next(exact.as_bytes()), Err(FrameError::NotWellFormed("expected a stream header")));
+    let input = stream(&format!("{exact}{body}"));
+    let frames = frame_all(&input, 10_000).unwrap();
+    assert_eq!(frames[1].1.len(), 10_000);
+}
+
+#[test]
+fn whitespace_keepalives_and_stream_close() {
+    let input = stream(" \n<r xmlns='urn:xmpp:sm:3'/>\t</stream:stream>");
+    let frames = frame_all(&input, 1000).unwrap();
+    let kinds: Vec<_> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(
+        kinds,
+        [
+            FrameKind::Header,
+            FrameKind::Whitespace,
+            FrameKind::Stanza,
+            FrameKind::Whitespace,
+            FrameKind::Close
+        ]
+    );
+    // A keep-alive is delivered at once, not held until the next stanza.
+    let mut f = Framer::new(1000);
+    let hdr = HDR.as_bytes();
+    f.next(hdr).unwrap().unwrap();
+    let ka = f.next(b" ").unwrap().unwrap();
+    assert_eq!((ka.kind, ka.len), (FrameKind::Whitespace, 1));
+}
+
+#[test]
+fn stream_restart_is_a_new_header() {
+    let input = stream(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>{HDR}<iq type='set' id='1'/>"));
+    let kinds: Vec<_> = frame_all(&input, 1000).unwrap().into_iter().map(|f| f.0).collect();
+    assert_eq!(
+        kinds,
+        [FrameKind::Header, FrameKind::Stanza, FrameKind::Header, FrameKind::Stanza]
+    );
+}
+
+#[test]
+fn attribute_values_may_hold_gt_and_slash() {
+    let input = stream("<message to='a>b/c' id=\"x'y\"><body a='1'>t</body></message>");
+    let frames = frame_all(&input, 1000).unwrap();
+    assert_eq!(frames[1].0, FrameKind::Stanza);
+    assert_eq!(frames[1].1.len(), input.len() - HDR.len());
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    // A cheap deterministic fuzz: mutate the captures and frame the result.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for name in CAPTURES {
+        let base = capture(name);
+        for _ in 0..300 {
+            let mut input = base.clone();
+            for _ in 0..(rnd() % 8 + 1) {
+                let at = (rnd() as usize) % input.len();
+                input[at] = (rnd() & 0xff) as u8;
+            }
+            let _ = frame_all(&input, 4096);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Cheap, allocation-free looks into a framed stanza: attributes of its start
+//! tag and the text of a known child. Values come back raw (still escaped),
+//! as slices of the frame, which is what routing and tracking need.
+
+use memchr::memmem;
+
+/// Finds attribute `name` in a start tag (`tag` = bytes from `<` to `>`).
+/// Returns the raw value between the quotes.
+pub fn attr<'a>(tag: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut i = 1;
+    let n = tag.len();
+    // Skip the element name.
+    while i < n && !matches!(tag[i], b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>') {
+        i += 1;
+    }
+    loop {
+        while i < n && matches!(tag[i], b' ' | b'\t' | b'\r' | b'\n') {
+            i += 1;
+        }
+        if i >= n || tag[i] == b'/' || tag[i] == b'>' {
+            return None;
+        }
+        let ns = i;
+        while i < n && !matches!(tag[i], b'=' | b' ' | b'\t' | b'\r' | b'\n' | b'>') {
+            i += 1;
+        }
+        let an = &tag[ns..i];
+        while i < n && matches!(tag[i], b' ' | b'\t' | b'\r' | b'\n' | b'=') {
+            i += 1;
+        }
+        if i >= n {
+            return None;
+        }
+        let q = tag[i];
+        if q != b'"' && q != b'\'' {
+            return None;
+        }
+        i += 1;
+        let vs = i;
+        let ve = vs + memchr::memchr(q, &tag[vs..])?;
+        if an == name {
+            return Some(&tag[vs..ve]);
+        }
+        i = ve + 1;
+    }
+}
+
+/// The text content of the first `<child>` or `<child …>` element, raw.
+/// Only for small, known children (`<jid>`, `<show>`, `<priority>`).
+pub fn child_text<'a>(stanza: &'a [u8], child: &[u8]) -> Option<&'a [u8]> {
+    let mut from = 0;
+    while let Some(k) = memmem::find(&stanza[from..], child) {
+        let at = from + k;
+        from = at + child.len();
+        if at == 0 || stanza[at - 1] != b'<' {
+            continue;
+        }
+        let after = *stanza.get(from)?;
+        let open_end = match after {
+            b'>' => from + 1,
+            b' ' | b'\t' | b'\r' | b'\n' => from + memchr::memchr(b'>', &stanza[from..])? + 1,
+            b'/' => return Some(&[]),
+            _ => continue,
+        };
+        if stanza[open_end - 2] == b'/' {
+            return Some(&[]);
+        }
+        let end = open_end + memchr::memchr(b'<', &stanza[open_end..])?;
+        return Some(&stanza[open_end..end]);
+    }
+    None
+}
+
+/// Whether the stanza mentions `needle` anywhere (namespace checks).
+pub fn contains(stanza: &[u8], needle: &[u8]) -> bool {
+    memmem::find(stanza, needle).is_some()
+}
+
+/// Resolves the five predefined entities and character references; other
+/// input is returned unchanged. Used on the few values that are stored.
+pub fn unescape(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    let s = String::from_utf8_lossy(raw);
+    if !s.contains('&') {
+        return s;
+    }
+    match quick_xml::escape::unescape(&s) {
+        Ok(u) => std::borrow::Cow::Owned(u.into_owned()),
+        Err(_) => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes() {
+        let tag = b"<iq type='result' id=\"a'b\" to = 'x@y/z' from='q'>";
+        assert_eq!(attr(tag, b"type"), Some(&b"result"[..]));
+        assert_eq!(attr(tag, b"id"), Some(&b"a'b"[..]));
+        assert_eq!(attr(tag, b"to"), Some(&b"x@y/z"[..]));
+        assert_eq!(attr(tag, b"from"), Some(&b"q"[..]));
+        assert_eq!(attr(tag, b"xml:lang"), None);
+        assert_eq!(attr(b"<presence/>", b"to"), None);
+        // A name inside another value is not an attribute.
+        assert_eq!(attr(b"<m id='to=x'>", b"to"), None);
+    }
+
+    #[test]
+    fn children() {
+        let s = b"<iq type='result'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>a@b/c</jid></bind></iq>";
+        assert_eq!(child_text(s, b"jid"), Some(&b"a@b/c"[..]));
+        let p = b"<presence><show>dnd</show><priority>5</priority><status/></presence>";
+        assert_eq!(child_text(p, b"show"), Some(&b"dnd"[..]));
+        assert_eq!(child_text(p, b"priority"), Some(&b"5"[..]));
+        assert_eq!(child_text(p, b"status"), Some(&b""[..]));
+        assert_eq!(child_text(p, b"body"), None);
+        let q = b"<message><showx>1</showx><show xml:lang='en'>away</show></message>";
+        assert_eq!(child_text(q, b"show"), Some(&b"away"[..]));
+    }
+
+    #[test]
+    fn unescaping() {
+        assert_eq!(unescape(b"a&amp;b&#x41;"), "a&bA");
+        assert_eq!(unescape(b"plain"), "plain");
+    }
+}

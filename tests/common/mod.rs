@@ -1,0 +1,153 @@
+//! `TestGroup::start()`: a simulated node pair behind a proxy, in one call.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prg_proxy::proxy::Shared;
+use prg_proxy::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
+use prg_proxy::{Config, Proxy};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+
+pub const DOMAIN: &str = "example.com";
+pub const T: Duration = Duration::from_secs(10);
+pub const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
+
+pub fn users() -> Vec<(String, String)> {
+    USERS.iter().map(|u| (u.to_string(), "pw".to_string())).collect()
+}
+
+/// Development certificates written to a temporary folder.
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl Certs {
+    pub fn new() -> Certs {
+        let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), &d.chain_pem).unwrap();
+        std::fs::write(dir.path().join("key.pem"), &d.key_pem).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &d.ca_pem).unwrap();
+        let client =
+            prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
+                .unwrap();
+        Certs { dir, client }
+    }
+
+    pub fn cert(&self) -> String {
+        self.dir.path().join("cert.pem").display().to_string()
+    }
+    pub fn key(&self) -> String {
+        self.dir.path().join("key.pem").display().to_string()
+    }
+}
+
+pub struct TestGroup {
+    pub pair: SimPair,
+    pub certs: Certs,
+    pub shared: Arc<Shared>,
+    pub starttls: SocketAddr,
+    pub direct: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Builds the TOML for a proxy in front of `nodes`.
+pub fn config_text(nodes: &[SocketAddr], mode: &str, certs: &Certs, extra: &str) -> String {
+    let mut s = format!(
+        "[group]\nname = \"test-group\"\ndescription = \"simulated pair\"\nhigh_availability = true\n\
+         assignment = \"{mode}\"\ndomains = [\"{DOMAIN}\"]\n\n"
+    );
+    for (i, a) in nodes.iter().enumerate() {
+        s.push_str(&format!("[[nodes]]\nname = \"imp{}\"\naddress = \"{a}\"\n\n", i + 1));
+    }
+    s.push_str(&format!(
+        "[listen]\nstarttls = \"127.0.0.1:0\"\ndirect_tls = \"127.0.0.1:0\"\n\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n{extra}",
+        certs.cert(),
+        certs.key()
+    ));
+    s
+}
+
+impl TestGroup {
+    pub async fn start() -> TestGroup {
+        Self::start_with("balanced", "", |_| {}).await
+    }
+
+    pub async fn start_with(
+        mode: &str,
+        extra: &str,
+        tweak: impl Fn(&mut SimNodeConfig),
+    ) -> TestGroup {
+        let mut c1 = SimNodeConfig::new("imp1", DOMAIN, users());
+        let mut c2 = SimNodeConfig::new("imp2", DOMAIN, users());
+        tweak(&mut c1);
+        tweak(&mut c2);
+        let pair = SimPair::start(c1, c2).await.unwrap();
+        let certs = Certs::new();
+        let text = config_text(
+            &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+            mode,
+            &certs,
+            extra,
+        );
+        let config = Config::parse(&text).unwrap();
+        let proxy = Proxy::bind(config).await.unwrap();
+        let starttls = proxy.starttls_addr().unwrap();
+        let direct = proxy.direct_tls_addr().unwrap();
+        let shared = proxy.shared();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = rx.await;
+        }));
+        TestGroup {
+            pair,
+            certs,
+            shared,
+            starttls,
+            direct,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn starttls_tls(&self) -> ClientTls {
+        ClientTls::StartTls {
+            config: self.certs.client.clone(),
+            server_name: DOMAIN.into(),
+        }
+    }
+
+    pub fn direct_tls(&self) -> ClientTls {
+        ClientTls::Direct {
+            config: self.certs.client.clone(),
+            server_name: DOMAIN.into(),
+        }
+    }
+
+    /// Connects over STARTTLS, logs in and binds.
+    pub async fn login(&self, user: &str, mech: &str, resource: &str) -> SimClient {
+        let mut c = SimClient::connect(self.starttls, DOMAIN, self.starttls_tls())
+            .await
+            .unwrap();
+        c.login(user, "pw", mech).await.unwrap();
+        c.bind(resource).await.unwrap();
+        c
+    }
+
+    /// Shuts the proxy down and waits for it to finish.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    }
+}
