@@ -298,6 +298,7 @@ chmod 644 "$TMP/groups.txt"
 if [ "$MODE" = proxy ]; then
     CERT="$REPO/certs/dev-cert.pem"
     KEY="$REPO/certs/dev-key.pem"
+    CA="$REPO/certs/dev-ca.pem" # the clients verify the proxy's certificate with it
     if [ ! -f "$CERT" ] || [ ! -f "$KEY" ]; then
         # Not committed (yet): a throw-away self-signed certificate will do, the
         # test clients do not verify it.
@@ -305,6 +306,7 @@ if [ "$MODE" = proxy ]; then
         command -v openssl >/dev/null || apt_install openssl
         CERT="$TMP/dev-cert.pem"
         KEY="$TMP/dev-key.pem"
+        CA="$CERT"
         openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=example.com" \
             -addext "subjectAltName=DNS:example.com,DNS:localhost,IP:127.0.0.1" \
             -keyout "$KEY" -out "$CERT" >/dev/null 2>&1 || die "openssl could not make a certificate"
@@ -331,6 +333,11 @@ if [ "$MODE" = proxy ]; then
     wait_port "$DIRECT_TLS_PORT" "prg-proxy (direct TLS listener)" "$PROXY_PID" 10
     log "prg-proxy: STARTTLS on 127.0.0.1:$STARTTLS_PORT, direct TLS on 127.0.0.1:$DIRECT_TLS_PORT"
     CLIENT_ARGS+=(--host 127.0.0.1 --port "$STARTTLS_PORT" --direct-tls-port "$DIRECT_TLS_PORT")
+    if [ -f "$CA" ]; then
+        CLIENT_ARGS+=(--ca "$CA")
+    else
+        log "no $CA: the clients accept the proxy's certificate unverified"
+    fi
 else
     CLIENT_ARGS+=(--host 127.0.0.1 --port "$NODE1_PORT" --no-tls)
 fi

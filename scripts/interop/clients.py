@@ -45,12 +45,21 @@ class CheckFailed(Exception):
     pass
 
 
+CA_FILE = None  # --ca: verify the server certificate against this CA
+
+
 def client_tls_context(alpn=None):
-    """TLS context for the test clients: the proxy uses a self-signed development
-    certificate, so verification is off."""
+    """TLS context for the test clients. With --ca the server certificate must
+    chain to that CA and name the domain (SNI is the domain); without it the
+    proxy's development certificate is accepted unverified."""
     ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    if CA_FILE:
+        ctx = ssl.create_default_context(cafile=CA_FILE)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
@@ -615,10 +624,13 @@ def main():
         metavar="SECONDS",
         help="only wait until the server offers SASL mechanisms after STARTTLS, then exit",
     )
+    p.add_argument("--ca", help="CA certificate (PEM) to verify the server certificate with")
     p.add_argument("--no-summary", action="store_true", help="omit the final summary line")
     p.add_argument("--raw-checks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="slixmpp debug log to stderr")
     opts = p.parse_args()
+    global CA_FILE
+    CA_FILE = opts.ca
     logging.basicConfig(
         level=logging.DEBUG if opts.verbose else logging.CRITICAL,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
