@@ -326,7 +326,7 @@ CLIENT_ARGS=(--domain example.com --timeout "$CHECK_TIMEOUT")
 if [ "$MODE" = proxy ]; then
     write_proxy_config "$TMP/proxy.toml" "$NODE1_PORT" "$NODE2_PORT" "$STARTTLS_PORT" "$DIRECT_TLS_PORT"
     log "starting $PROXY_BIN run --config $TMP/proxy.toml"
-    RUST_LOG="${RUST_LOG:-info}" "$PROXY_BIN" run --config "$TMP/proxy.toml" >"$TMP/proxy.log" 2>&1 &
+    NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$PROXY_BIN" run --config "$TMP/proxy.toml" >"$TMP/proxy.log" 2>&1 &
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
     wait_port "$STARTTLS_PORT" "prg-proxy (STARTTLS listener)" "$PROXY_PID" 30
