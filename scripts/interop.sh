@@ -16,6 +16,7 @@
 #   PRG_PROXY_BIN         use this prg-proxy binary instead of building one
 #   INTEROP_KEEP_TMP=1    keep the temporary directory (configs, logs, data)
 #   INTEROP_TIMEOUT       per-check timeout in seconds (default 20)
+#   RUST_LOG              the proxy's log filter (default info)
 set -euo pipefail
 
 MODE=proxy
@@ -23,7 +24,7 @@ for arg in "$@"; do
     case "$arg" in
         --direct) MODE=direct ;;
         -h | --help)
-            sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -243,7 +244,10 @@ build_proxy() {
         return
     fi
     [ -f "$REPO/Cargo.toml" ] || die "no Cargo.toml in $REPO"
-    command -v cargo >/dev/null || die "cargo not found"
+    if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+        PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null || die "cargo not found (install Rust, or set PRG_PROXY_BIN)"
     log "building prg-proxy (cargo build --release)"
     (cd "$REPO" && cargo build --release --bin prg-proxy >&2) || die "cargo build failed"
     echo "${CARGO_TARGET_DIR:-$REPO/target}/release/prg-proxy"
