@@ -372,6 +372,24 @@ if [ "$MODE" = proxy ]; then
     check_alive prg-proxy-still-running "$PROXY_PID"
 fi
 
+# assignment = "active-standby": every user is served by the first node.
+check_routing() {
+    local who missing="" on2
+    for who in alice bob carol; do
+        grep -q "Authenticated as $who@example.com" "$TMP/node1/prosody.log" || missing+=" $who"
+    done
+    on2=$(grep -o "Authenticated as [^ ]*" "$TMP/node2/prosody.log" | sed "s/^Authenticated as //" | sort -u | tr '\n' ' ' || true)
+    if [ -z "$missing" ] && [ -z "$on2" ]; then
+        echo "PASS active-standby-sessions-on-prosody1" | tee -a "$OUT"
+    else
+        echo "FAIL active-standby-sessions-on-prosody1: not on prosody1:${missing:- -}; on prosody2: ${on2:--}" |
+            tee -a "$OUT"
+    fi
+}
+if [ "$MODE" = proxy ]; then
+    check_routing
+fi
+
 PASSED=$(grep -c '^PASS ' "$OUT" || true)
 FAILED=$(grep -c '^FAIL ' "$OUT" || true)
 SUMMARY="$PASSED passed, $FAILED failed"
