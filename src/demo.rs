@@ -1,6 +1,216 @@
-//! The built-in demonstration (filled in with the simulated node pair).
+//! The built-in demonstration: a simulated node pair behind the proxy and a
+//! few simulated clients logging in (STARTTLS and direct TLS), setting
+//! presence and chatting, with what happens printed as it happens.
+//!
+//! Everything runs in this process on loopback ports chosen by the kernel;
+//! certificates are generated on the fly.
 
-/// Runs the demo until done or `shutdown`.
-pub async fn run(_shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
-    Err("the demo needs the simulated node pair".into())
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
+
+const DOMAIN: &str = "example.com";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Runs the demo to its end, or until `shutdown` completes.
+pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    tokio::select! {
+        r = script() => r,
+        _ = shutdown => {
+            println!("interrupted");
+            Ok(())
+        }
+    }
+}
+
+fn step(text: &str) {
+    println!("\n== {text}");
+}
+
+fn say(text: impl AsRef<str>) {
+    println!("   {}", text.as_ref());
+}
+
+async fn script() -> Result<(), String> {
+    let e = |what: &'static str| move |err: String| format!("{what}: {err}");
+    step("starting a simulated presence redundancy group (two IM&P nodes)");
+    let users: Vec<(String, String)> = ["alice", "bob", "carol", "dave"]
+        .iter()
+        .map(|u| (u.to_string(), "pw".to_string()))
+        .collect();
+    let pair = SimPair::start(
+        SimNodeConfig::new("imp1", DOMAIN, users.clone()),
+        SimNodeConfig::new("imp2", DOMAIN, users),
+    )
+    .await
+    .map_err(|x| format!("simulated nodes: {x}"))?;
+    say(format!("node imp1 on {}", pair.nodes[0].addr()));
+    say(format!("node imp2 on {}", pair.nodes[1].addr()));
+
+    let certs = crate::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|x| e("certificates")(x.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("prg-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|x| e("temp dir")(x.to_string()))?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &certs.chain_pem).map_err(|x| e("write cert")(x.to_string()))?;
+    std::fs::write(&key, &certs.key_pem).map_err(|x| e("write key")(x.to_string()))?;
+    let client_tls = crate::tls::client_config_from_der(crate::tls::certs_from_pem(&certs.ca_pem))
+        .map_err(e("client TLS"))?;
+
+    let text = format!(
+        r#"
+[group]
+name = "demo"
+description = "simulated pair"
+high_availability = true
+assignment = "balanced"
+domains = ["{DOMAIN}"]
+
+[[nodes]]
+name = "imp1"
+address = "{n1}"
+
+[[nodes]]
+name = "imp2"
+address = "{n2}"
+
+[listen]
+starttls = "127.0.0.1:0"
+direct_tls = "127.0.0.1:0"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+"#,
+        n1 = pair.nodes[0].addr(),
+        n2 = pair.nodes[1].addr(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let config = Config::parse(&text).map_err(|x| e("config")(x.to_string()))?;
+    let proxy = Proxy::bind(config).await.map_err(|x| e("proxy")(x.to_string()))?;
+    let starttls = proxy.starttls_addr().ok_or("no STARTTLS listener")?;
+    let direct = proxy.direct_tls_addr().ok_or("no direct-TLS listener")?;
+    let shared = proxy.shared();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy.run(async move {
+        let _ = stop_rx.await;
+    }));
+    step("prg-proxy in front of the pair (balanced assignment)");
+    say(format!("STARTTLS on {starttls}, direct TLS (XEP-0368) on {direct}"));
+    shared.learn_mechanisms().await;
+    say(format!("SASL mechanisms learned from the nodes: {}", shared.mechanisms().join(", ")));
+
+    step("clients log in through the proxy");
+    let names = ["imp1", "imp2"];
+    let mut clients = Vec::new();
+    for (user, mech, direct_tls, resource) in [
+        ("alice", "SCRAM-SHA-1", false, "desk"),
+        ("dave", "PLAIN", true, "phone"),
+        ("bob", "SCRAM-SHA-1", false, "laptop"),
+    ] {
+        let tls = if direct_tls {
+            ClientTls::Direct { config: client_tls.clone(), server_name: DOMAIN.into() }
+        } else {
+            ClientTls::StartTls { config: client_tls.clone(), server_name: DOMAIN.into() }
+        };
+        let addr = if direct_tls { direct } else { starttls };
+        let mut c = SimClient::connect(addr, DOMAIN, tls).await.map_err(|x| format!("{user}: {x}"))?;
+        c.login(user, "pw", mech).await.map_err(|x| format!("{user}: {x}"))?;
+        let jid = c.bind(resource).await.map_err(|x| format!("{user}: {x}"))?;
+        let bare = format!("{user}@{DOMAIN}");
+        let home = shared.assignment.home(&bare).map_err(|x| x.to_string())?;
+        let on = shared
+            .tracker
+            .lookup(&bare)
+            .and_then(|u| u.sessions.first().map(|s| s.node))
+            .map_or("?", |n| names[n]);
+        say(format!(
+            "{jid:<28} {mech:<12} over {:<10} home {} → bound on {on}",
+            if direct_tls { "direct TLS" } else { "STARTTLS" },
+            names[home]
+        ));
+        clients.push((user, c));
+    }
+    let [(_, alice), (_, dave), (_, bob)] = &mut clients[..] else {
+        return Err("clients".into());
+    };
+
+    step("presence");
+    alice.send_presence(Some("dnd"), Some("In a meeting")).await.map_err(|x| x.to_string())?;
+    dave.send_presence(None, Some("On the road")).await.map_err(|x| x.to_string())?;
+    bob.send_presence(Some("away"), None).await.map_err(|x| x.to_string())?;
+    let p = dave
+        .wait_for(WAIT, |s| s.name == "presence" && s.attr("from") == Some("alice@example.com/desk"))
+        .await
+        .map_err(|x| format!("dave waiting for alice's presence: {x}"))?;
+    say(format!(
+        "dave (on imp2) sees alice (on imp1): show={} status={:?}",
+        p.child_text("show").unwrap_or_else(|| "available".into()),
+        p.child_text("status").unwrap_or_default()
+    ));
+    let p = alice
+        .wait_for(WAIT, |s| s.name == "presence" && s.attr("from") == Some("dave@example.com/phone"))
+        .await
+        .map_err(|x| format!("alice waiting for dave's presence: {x}"))?;
+    say(format!(
+        "alice (on imp1) sees dave (on imp2): status={:?}",
+        p.child_text("status").unwrap_or_default()
+    ));
+
+    step("chat across the two nodes");
+    alice
+        .send_message("dave@example.com/phone", "Lunch at 12? 🍜")
+        .await
+        .map_err(|x| x.to_string())?;
+    let m = dave.wait_for(WAIT, |s| s.name == "message").await.map_err(|x| x.to_string())?;
+    say(format!("dave got from {}: {:?}", m.attr("from").unwrap_or("?"), m.body().unwrap_or_default()));
+    dave.send_message("alice@example.com/desk", "Sure — à midi!").await.map_err(|x| x.to_string())?;
+    let m = alice.wait_for(WAIT, |s| s.name == "message").await.map_err(|x| x.to_string())?;
+    say(format!("alice got from {}: {:?}", m.attr("from").unwrap_or("?"), m.body().unwrap_or_default()));
+
+    step("what the proxy's session tracker knows");
+    for (i, n) in names.iter().enumerate() {
+        let mut jids: Vec<String> = shared.tracker.sessions_on(i).into_iter().map(|(_, j)| j.to_string()).collect();
+        jids.sort();
+        say(format!("{n}: {} session(s) {:?}", shared.tracker.count_on(i), jids));
+    }
+    if let Some(u) = shared.tracker.lookup("alice@example.com") {
+        if let Some(s) = u.sessions.first() {
+            say(format!(
+                "alice: show={:?} priority={} bound {:?} ago",
+                s.presence.show,
+                s.presence.priority,
+                s.bound_at.elapsed()
+            ));
+        }
+    }
+    let m = &shared.metrics;
+    use std::sync::atomic::Ordering::Relaxed;
+    say(format!(
+        "relayed {} stanzas up, {} down; {} logins routed",
+        m.stanzas_up.load(Relaxed),
+        m.stanzas_down.load(Relaxed),
+        m.logins_routed.load(Relaxed)
+    ));
+
+    step("graceful shutdown");
+    let _ = stop_tx.send(());
+    for (user, c) in clients.iter_mut() {
+        // Skip stanzas still in flight; the stream error comes last.
+        match c.wait_for(WAIT, |_| false).await {
+            Err(crate::sim::ClientError::StreamError { condition, .. }) => {
+                say(format!("{user} was told <{condition}/>"))
+            }
+            other => return Err(format!("{user} expected a stream error, got {other:?}")),
+        }
+    }
+    let _ = tokio::time::timeout(WAIT, proxy_task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\ndemo complete");
+    Ok(())
 }

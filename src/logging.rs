@@ -3,10 +3,11 @@
 
 use std::io::IsTerminal;
 
-/// Installs the global subscriber once; later calls do nothing.
-pub fn init() {
+/// Installs the global subscriber once (`default` is the filter used when
+/// `RUST_LOG` is not set); later calls do nothing.
+pub fn init(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

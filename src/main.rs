@@ -49,7 +49,8 @@ const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    prg_proxy::logging::init();
+    // The demo prints its own story; only warnings go to the log.
+    prg_proxy::logging::init(if matches!(cli.command, Command::Demo) { "warn" } else { "info" });
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
