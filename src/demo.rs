@@ -52,7 +52,8 @@ async fn script() -> Result<(), String> {
     say(format!("node imp1 on {}", pair.nodes[0].addr()));
     say(format!("node imp2 on {}", pair.nodes[1].addr()));
 
-    let certs = crate::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|x| e("certificates")(x.to_string()))?;
+    let certs = crate::tls::dev_certs(&[DOMAIN, "localhost"])
+        .map_err(|x| e("certificates")(x.to_string()))?;
     let dir = std::env::temp_dir().join(format!("prg-proxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|x| e("temp dir")(x.to_string()))?;
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -92,7 +93,9 @@ key = "{key}"
         key = key.display(),
     );
     let config = Config::parse(&text).map_err(|x| e("config")(x.to_string()))?;
-    let proxy = Proxy::bind(config).await.map_err(|x| e("proxy")(x.to_string()))?;
+    let proxy = Proxy::bind(config)
+        .await
+        .map_err(|x| e("proxy")(x.to_string()))?;
     let starttls = proxy.starttls_addr().ok_or("no STARTTLS listener")?;
     let direct = proxy.direct_tls_addr().ok_or("no direct-TLS listener")?;
     let shared = proxy.shared();
@@ -101,9 +104,14 @@ key = "{key}"
         let _ = stop_rx.await;
     }));
     step("prg-proxy in front of the pair (balanced assignment)");
-    say(format!("STARTTLS on {starttls}, direct TLS (XEP-0368) on {direct}"));
+    say(format!(
+        "STARTTLS on {starttls}, direct TLS (XEP-0368) on {direct}"
+    ));
     shared.learn_mechanisms().await;
-    say(format!("SASL mechanisms learned from the nodes: {}", shared.mechanisms().join(", ")));
+    say(format!(
+        "SASL mechanisms learned from the nodes: {}",
+        shared.mechanisms().join(", ")
+    ));
 
     step("clients log in through the proxy");
     let names = ["imp1", "imp2"];
@@ -114,13 +122,23 @@ key = "{key}"
         ("bob", "SCRAM-SHA-1", false, "laptop"),
     ] {
         let tls = if direct_tls {
-            ClientTls::Direct { config: client_tls.clone(), server_name: DOMAIN.into() }
+            ClientTls::Direct {
+                config: client_tls.clone(),
+                server_name: DOMAIN.into(),
+            }
         } else {
-            ClientTls::StartTls { config: client_tls.clone(), server_name: DOMAIN.into() }
+            ClientTls::StartTls {
+                config: client_tls.clone(),
+                server_name: DOMAIN.into(),
+            }
         };
         let addr = if direct_tls { direct } else { starttls };
-        let mut c = SimClient::connect(addr, DOMAIN, tls).await.map_err(|x| format!("{user}: {x}"))?;
-        c.login(user, "pw", mech).await.map_err(|x| format!("{user}: {x}"))?;
+        let mut c = SimClient::connect(addr, DOMAIN, tls)
+            .await
+            .map_err(|x| format!("{user}: {x}"))?;
+        c.login(user, "pw", mech)
+            .await
+            .map_err(|x| format!("{user}: {x}"))?;
         let jid = c.bind(resource).await.map_err(|x| format!("{user}: {x}"))?;
         let bare = format!("{user}@{DOMAIN}");
         let home = shared.assignment.home(&bare).map_err(|x| x.to_string())?;
@@ -141,11 +159,20 @@ key = "{key}"
     };
 
     step("presence");
-    alice.send_presence(Some("dnd"), Some("In a meeting")).await.map_err(|x| x.to_string())?;
-    dave.send_presence(None, Some("On the road")).await.map_err(|x| x.to_string())?;
-    bob.send_presence(Some("away"), None).await.map_err(|x| x.to_string())?;
+    alice
+        .send_presence(Some("dnd"), Some("In a meeting"))
+        .await
+        .map_err(|x| x.to_string())?;
+    dave.send_presence(None, Some("On the road"))
+        .await
+        .map_err(|x| x.to_string())?;
+    bob.send_presence(Some("away"), None)
+        .await
+        .map_err(|x| x.to_string())?;
     let p = dave
-        .wait_for(WAIT, |s| s.name == "presence" && s.attr("from") == Some("alice@example.com/desk"))
+        .wait_for(WAIT, |s| {
+            s.name == "presence" && s.attr("from") == Some("alice@example.com/desk")
+        })
         .await
         .map_err(|x| format!("dave waiting for alice's presence: {x}"))?;
     say(format!(
@@ -154,7 +181,9 @@ key = "{key}"
         p.child_text("status").unwrap_or_default()
     ));
     let p = alice
-        .wait_for(WAIT, |s| s.name == "presence" && s.attr("from") == Some("dave@example.com/phone"))
+        .wait_for(WAIT, |s| {
+            s.name == "presence" && s.attr("from") == Some("dave@example.com/phone")
+        })
         .await
         .map_err(|x| format!("alice waiting for dave's presence: {x}"))?;
     say(format!(
@@ -167,17 +196,42 @@ key = "{key}"
         .send_message("dave@example.com/phone", "Lunch at 12? 🍜")
         .await
         .map_err(|x| x.to_string())?;
-    let m = dave.wait_for(WAIT, |s| s.name == "message").await.map_err(|x| x.to_string())?;
-    say(format!("dave got from {}: {:?}", m.attr("from").unwrap_or("?"), m.body().unwrap_or_default()));
-    dave.send_message("alice@example.com/desk", "Sure — à midi!").await.map_err(|x| x.to_string())?;
-    let m = alice.wait_for(WAIT, |s| s.name == "message").await.map_err(|x| x.to_string())?;
-    say(format!("alice got from {}: {:?}", m.attr("from").unwrap_or("?"), m.body().unwrap_or_default()));
+    let m = dave
+        .wait_for(WAIT, |s| s.name == "message")
+        .await
+        .map_err(|x| x.to_string())?;
+    say(format!(
+        "dave got from {}: {:?}",
+        m.attr("from").unwrap_or("?"),
+        m.body().unwrap_or_default()
+    ));
+    dave.send_message("alice@example.com/desk", "Sure — à midi!")
+        .await
+        .map_err(|x| x.to_string())?;
+    let m = alice
+        .wait_for(WAIT, |s| s.name == "message")
+        .await
+        .map_err(|x| x.to_string())?;
+    say(format!(
+        "alice got from {}: {:?}",
+        m.attr("from").unwrap_or("?"),
+        m.body().unwrap_or_default()
+    ));
 
     step("what the proxy's session tracker knows");
     for (i, n) in names.iter().enumerate() {
-        let mut jids: Vec<String> = shared.tracker.sessions_on(i).into_iter().map(|(_, j)| j.to_string()).collect();
+        let mut jids: Vec<String> = shared
+            .tracker
+            .sessions_on(i)
+            .into_iter()
+            .map(|(_, j)| j.to_string())
+            .collect();
         jids.sort();
-        say(format!("{n}: {} session(s) {:?}", shared.tracker.count_on(i), jids));
+        say(format!(
+            "{n}: {} session(s) {:?}",
+            shared.tracker.count_on(i),
+            jids
+        ));
     }
     if let Some(u) = shared.tracker.lookup("alice@example.com") {
         if let Some(s) = u.sessions.first() {

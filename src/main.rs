@@ -50,7 +50,11 @@ const EX_UNAVAILABLE: u8 = 69;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; only warnings go to the log.
-    prg_proxy::logging::init(if matches!(cli.command, Command::Demo) { "warn" } else { "info" });
+    prg_proxy::logging::init(if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    });
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

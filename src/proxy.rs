@@ -107,8 +107,13 @@ impl Shared {
             match self.upstreams.get(i) {
                 Some(u) => Some((
                     u,
-                    u.open(&self.dns, domain, limits.max_stanza_bytes, limits.upstream_connect_timeout)
-                        .await,
+                    u.open(
+                        &self.dns,
+                        domain,
+                        limits.max_stanza_bytes,
+                        limits.upstream_connect_timeout,
+                    )
+                    .await,
                 )),
                 None => None,
             }
@@ -298,7 +303,10 @@ async fn accept_loop(
                 continue;
             }
         };
-        shared.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let conn = ClientConnection::new(id, peer, direct, shared.clone(), stop.clone());
         tokio::spawn(async move {

@@ -20,7 +20,10 @@ fn write_config(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
 
 fn good_config(certs: &Certs) -> String {
     config_text(
-        &["127.0.0.1:15222".parse().unwrap(), "127.0.0.1:15223".parse().unwrap()],
+        &[
+            "127.0.0.1:15222".parse().unwrap(),
+            "127.0.0.1:15223".parse().unwrap(),
+        ],
         "balanced",
         certs,
         "",
@@ -29,7 +32,11 @@ fn good_config(certs: &Certs) -> String {
 
 fn check(text: &str, certs: &Certs) -> (i32, String) {
     let p = write_config(certs.dir.path(), text);
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -52,7 +59,11 @@ fn a_bad_group_name_exits_64_naming_the_key() {
     assert!(err.contains("`group.name`"), "{err}");
     // `run` refuses the same way, before binding anything.
     let p = write_config(certs.dir.path(), &text);
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`group.name`"));
 }
@@ -62,15 +73,34 @@ fn other_config_errors_exit_64_naming_the_key() {
     let certs = Certs::new();
     let base = good_config(&certs);
     let cases = [
-        (base.replace("description = \"simulated pair\"", "description = \"a<b\""), "group.description"),
-        (base.replace("high_availability", "high_availabilty"), "high_availabilty"),
-        (base.replace(&certs.cert(), "/nonexistent/cert.pem"), "tls.cert"),
-        (format!("{base}\n[[nodes]]\nname = \"imp3\"\naddress = \"127.0.0.1:1\"\n"), "nodes"),
-        (base.replace("name = \"imp2\"", "name = \"imp1\""), "nodes[1].name"),
+        (
+            base.replace("description = \"simulated pair\"", "description = \"a<b\""),
+            "group.description",
+        ),
+        (
+            base.replace("high_availability", "high_availabilty"),
+            "high_availabilty",
+        ),
+        (
+            base.replace(&certs.cert(), "/nonexistent/cert.pem"),
+            "tls.cert",
+        ),
+        (
+            format!("{base}\n[[nodes]]\nname = \"imp3\"\naddress = \"127.0.0.1:1\"\n"),
+            "nodes",
+        ),
+        (
+            base.replace("name = \"imp2\"", "name = \"imp1\""),
+            "nodes[1].name",
+        ),
     ];
     for (text, key) in cases {
         let p = write_config(certs.dir.path(), &text);
-        let out = Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{key}: {err}");
         assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
@@ -124,10 +154,17 @@ async fn sigterm_drains_with_system_shutdown() {
         }
     });
     let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("proxy logs its listener");
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("proxy logs its listener");
         if let Some(rest) = line.split("addr=").nth(1) {
             if line.contains("listening") {
-                break rest.split_whitespace().next().unwrap().parse::<std::net::SocketAddr>().unwrap();
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap();
             }
         }
     };
@@ -149,7 +186,9 @@ async fn sigterm_drains_with_system_shutdown() {
     assert!(status.success());
     for c in [&mut alice, &mut dave] {
         match c.recv(T).await {
-            Err(ClientError::StreamError { condition, .. }) => assert_eq!(condition, "system-shutdown"),
+            Err(ClientError::StreamError { condition, .. }) => {
+                assert_eq!(condition, "system-shutdown")
+            }
             other => panic!("expected system-shutdown, got {other:?}"),
         }
     }
@@ -164,5 +203,8 @@ async fn sigterm_drains_with_system_shutdown() {
     };
     assert_eq!(code, Some(0));
     let log: Vec<String> = rx.try_iter().collect();
-    assert!(log.iter().any(|l| l.contains("all connections closed")), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("all connections closed")),
+        "{log:?}"
+    );
 }

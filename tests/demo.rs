@@ -9,7 +9,11 @@ fn demo_runs_to_completion() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for want in [
         "home imp1 → bound on imp1",
         "home imp2 → bound on imp2",

@@ -23,8 +23,12 @@ async fn dns_server(srv: Vec<(&'static str, u16, u16, u16, &'static str)>) -> So
     tokio::spawn(async move {
         let mut buf = vec![0u8; 1500];
         loop {
-            let Ok((n, peer)) = sock.recv_from(&mut buf).await else { return };
-            let Ok(q) = Message::from_vec(&buf[..n]) else { continue };
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
             let mut r = Message::new();
             r.set_id(q.id())
                 .set_message_type(MessageType::Response)
@@ -42,7 +46,12 @@ async fn dns_server(srv: Vec<(&'static str, u16, u16, u16, &'static str)>) -> So
                         r.add_answer(Record::from_rdata(
                             query.name().clone(),
                             60,
-                            RData::SRV(SRV::new(*prio, *weight, *port, Name::from_str(target).unwrap())),
+                            RData::SRV(SRV::new(
+                                *prio,
+                                *weight,
+                                *port,
+                                Name::from_str(target).unwrap(),
+                            )),
                         ));
                     }
                     if query.query_type() == RecordType::A && qname == *target {
@@ -69,8 +78,20 @@ async fn dns_server(srv: Vec<(&'static str, u16, u16, u16, &'static str)>) -> So
 #[tokio::test]
 async fn srv_records_resolve_in_priority_order() {
     let dns = dns_server(vec![
-        ("_xmpp-client._tcp.example.com.", 20, 0, 6000, "backup.example.com."),
-        ("_xmpp-client._tcp.example.com.", 10, 5, 5000, "primary.example.com."),
+        (
+            "_xmpp-client._tcp.example.com.",
+            20,
+            0,
+            6000,
+            "backup.example.com.",
+        ),
+        (
+            "_xmpp-client._tcp.example.com.",
+            10,
+            5,
+            5000,
+            "primary.example.com.",
+        ),
     ])
     .await;
     let d = Dns::new(&DnsConfig { servers: vec![dns] }).unwrap();
@@ -97,8 +118,20 @@ async fn a_node_given_by_srv_serves_logins() {
     let p1 = pair.nodes[0].addr().port();
     let p2 = pair.nodes[1].addr().port();
     let dns = dns_server(vec![
-        ("_xmpp-client._tcp.node1.example.net.", 0, 0, p1, "imp1.example.net."),
-        ("_xmpp-client._tcp.node2.example.net.", 0, 0, p2, "imp2.example.net."),
+        (
+            "_xmpp-client._tcp.node1.example.net.",
+            0,
+            0,
+            p1,
+            "imp1.example.net.",
+        ),
+        (
+            "_xmpp-client._tcp.node2.example.net.",
+            0,
+            0,
+            p2,
+            "imp2.example.net.",
+        ),
     ])
     .await;
     let certs = Certs::new();

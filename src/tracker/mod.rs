@@ -194,7 +194,9 @@ impl Tracker {
 
     /// Number of sessions bound on `node` (O(1)).
     pub fn count_on(&self, node: NodeIndex) -> usize {
-        self.counts.get(node).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.counts
+            .get(node)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// A copy of what is tracked for a bare (or full) JID.
