@@ -310,7 +310,36 @@ fn arbitrary_bytes_never_panic() {
                 let at = (rnd() as usize) % input.len();
                 input[at] = (rnd() & 0xff) as u8;
             }
-            let _ = frame_all(&input, 4096);
+            if let Ok(frames) = frame_all(&input, 4096) {
+                for (kind, bytes) in frames {
+                    if kind == FrameKind::Stanza {
+                        assert_well_formed(&bytes);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the framer calls a stanza, a real XML parser must accept.
+fn assert_well_formed(bytes: &[u8]) {
+    let mut r = quick_xml::Reader::from_reader(bytes);
+    loop {
+        match r.read_event() {
+            Ok(quick_xml::events::Event::Eof) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e}: {}", String::from_utf8_lossy(bytes)),
+        }
+    }
+}
+
+#[test]
+fn every_capture_stanza_is_well_formed_xml() {
+    for name in CAPTURES {
+        for (kind, bytes) in frame_all(&capture(name), 262_144).unwrap() {
+            if kind == FrameKind::Stanza {
+                assert_well_formed(&bytes);
+            }
         }
     }
 }
