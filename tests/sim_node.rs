@@ -537,14 +537,36 @@ async fn restricted_xml_and_bad_xml() {
     c.send_raw("<?foo bar?>").await.expect("send");
     expect_stream_error(&mut c, "restricted-xml").await;
 
-    // Stanzas before authentication.
+    let mut c = online(&node, "alice", "desk").await;
+    c.send_raw("<foo xmlns='urn:x'/>").await.expect("send");
+    expect_stream_error(&mut c, "unsupported-stanza-type").await;
+}
+
+#[tokio::test]
+async fn stanzas_before_auth_and_bind_get_service_unavailable() {
+    // As Prosody does: a stanza error, and the stream stays usable.
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
     let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
         .await
         .expect("connect");
     c.send_raw("<message to='bob@example.com'><body>x</body></message>")
         .await
         .expect("send");
-    expect_stream_error(&mut c, "not-authorized").await;
+    let e = c.recv(T).await.expect("error");
+    assert_eq!(e.attr("type"), Some("error"));
+    assert_eq!(e.attr("from"), Some("bob@example.com"));
+    assert!(e.has_child("service-unavailable"), "{}", e.raw);
+    c.login("alice", "pw", "PLAIN").await.expect("login");
+    c.send_raw("<iq type='get' id='p1' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await
+        .expect("send");
+    let e = c.recv(T).await.expect("error");
+    assert_eq!(
+        (e.name.as_str(), e.attr("id"), e.attr("type")),
+        ("iq", Some("p1"), Some("error"))
+    );
+    c.bind("x").await.expect("bind");
+    c.ping().await.expect("ping");
 }
 
 #[tokio::test]

@@ -844,11 +844,22 @@ impl Conn {
 
     /// Send a stream error and close our stream.
     async fn fail(&mut self, condition: &str) -> Exit {
+        // Same texts as Prosody for the conditions it explains.
+        let extra = match condition {
+            "policy-violation" => "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>XML stanza is too big</text><stanza-too-big xmlns='urn:xmpp:errors'/>".to_owned(),
+            "conflict" => "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Replaced by new connection</text>".to_owned(),
+            _ => String::new(),
+        };
+        self.fail_with(condition, &extra).await
+    }
+
+    /// Send a stream error with extra children (e.g. `<text/>`) and close our stream.
+    async fn fail_with(&mut self, condition: &str, extra: &str) -> Exit {
         if !self.header_sent {
             self.push_header();
         }
         self.out.extend_from_slice(
-            format!("<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").as_bytes(),
+            format!("<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>{extra}</stream:error></stream:stream>").as_bytes(),
         );
         match self.flush().await {
             Err(e) => e,
@@ -918,7 +929,11 @@ impl Conn {
             return Err(self.fail("invalid-namespace").await);
         }
         if get("to").is_some_and(|to| !to.eq_ignore_ascii_case(&self.node.domain)) {
-            return Err(self.fail("host-unknown").await);
+            let text = format!(
+                "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>This server does not serve {}</text>",
+                esc(get("to").unwrap_or(""))
+            );
+            return Err(self.fail_with("host-unknown", &text).await);
         }
         self.push_header();
         self.stream_open = true;
@@ -986,7 +1001,13 @@ impl Conn {
                     self.sasl_failure("aborted");
                     Ok(())
                 }
-                ("iq" | "message" | "presence", _) => Err(self.fail("not-authorized").await),
+                ("iq" | "message" | "presence", _) => {
+                    // Like Prosody: a stanza error, the stream stays open.
+                    if el.attr("type") != Some("error") {
+                        self.stanza_error(&el, "service-unavailable", "cancel", None);
+                    }
+                    Ok(())
+                }
                 _ => Err(self.fail("unsupported-stanza-type").await),
             };
         }
@@ -1005,7 +1026,14 @@ impl Conn {
                     return Ok(());
                 }
             }
-            return Err(self.fail("not-authorized").await);
+            if !matches!(name, "iq" | "message" | "presence") {
+                return Err(self.fail("unsupported-stanza-type").await);
+            }
+            // Like Prosody: a stanza error, the stream stays open.
+            if el.attr("type") != Some("error") {
+                self.stanza_error(&el, "service-unavailable", "cancel", None);
+            }
+            return Ok(());
         };
         if let Some(from) = el.attr("from") {
             let bare = &sess.full[..sess.full.len() - sess.resource.len() - 1];
@@ -1235,13 +1263,12 @@ impl Conn {
         if let Some(sess) = &self.sess {
             s.push_str(&format!(" to='{}'", esc(&sess.full)));
         }
-        let from = from
-            .or(el.attr("to"))
-            .unwrap_or(&self.node.domain)
-            .to_owned();
+        // Like Prosody: no `from` when the request had no `to` (the account's server).
+        if let Some(from) = from.or(el.attr("to")) {
+            s.push_str(&format!(" from='{}'", esc(from)));
+        }
         s.push_str(&format!(
-            " from='{}'><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>",
-            esc(&from)
+            "><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>"
         ));
         self.out.extend_from_slice(s.as_bytes());
     }
