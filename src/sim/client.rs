@@ -178,8 +178,9 @@ impl SimClient {
         Self::connect_with(addr, domain, tls, None).await
     }
 
-    /// Like [`SimClient::connect`], with a `from` on the stream headers (sent
-    /// after TLS is established, and on every later stream restart).
+    /// Like [`SimClient::connect`], with a `from` on the stream headers: on
+    /// every header except the pre-TLS one of a STARTTLS connection (RFC 6120
+    /// §4.7.1), i.e. also on the restart after SASL.
     pub async fn connect_with(
         addr: SocketAddr,
         domain: &str,
@@ -201,7 +202,7 @@ impl SimClient {
             closed: false,
         };
         match tls {
-            ClientTls::None => c.open_stream(false).await?,
+            ClientTls::None => c.open_stream(true).await?,
             ClientTls::Direct {
                 config,
                 server_name,
