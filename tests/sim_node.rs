@@ -679,3 +679,29 @@ async fn message_throughput_smoke() {
         n as f64 / el.as_secs_f64()
     );
 }
+
+#[tokio::test]
+async fn login_rate_smoke() {
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    let n = 200;
+    let start = std::time::Instant::now();
+    for i in 0..n {
+        let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
+            .await
+            .expect("connect");
+        c.login(
+            "alice",
+            "pw",
+            if i % 2 == 0 { "SCRAM-SHA-1" } else { "PLAIN" },
+        )
+        .await
+        .expect("login");
+        c.bind(&format!("r{i}")).await.expect("bind");
+    }
+    let el = start.elapsed();
+    eprintln!(
+        "{n} logins in {el:?} ({:.0}/s, debug build, sequential)",
+        n as f64 / el.as_secs_f64()
+    );
+    assert_eq!(node.logins_total(), n);
+}
