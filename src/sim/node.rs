@@ -651,6 +651,10 @@ struct Conn {
     io: Box<dyn Io>,
     framer: Framer,
     out: Vec<u8>,
+    /// Bytes of `out` already written.
+    out_pos: usize,
+    /// Written bytes may sit in a TLS buffer: flush before idling.
+    need_flush: bool,
     kill: watch::Receiver<u64>,
     gen: u64,
     hang: watch::Receiver<bool>,
@@ -674,7 +678,46 @@ enum Ev {
     Killed,
     Hang,
     Read(io::Result<usize>),
+    Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
     Out(Option<Out>),
+}
+
+/// Output above this many unwritten bytes stops taking stanzas from other sessions.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Bytes read per call.
+const READ_CHUNK: usize = 8192;
+
+/// Poll one stream for writing `pending` (or flushing) and for reading into `buf`.
+fn poll_duplex(
+    cx: &mut std::task::Context<'_>,
+    io: &mut dyn Io,
+    pending: &[u8],
+    need_flush: bool,
+    buf: &mut bytes::BytesMut,
+) -> Poll<Ev> {
+    use std::pin::Pin;
+    use tokio::io::ReadBuf;
+    if !pending.is_empty() {
+        if let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, pending) {
+            return Poll::Ready(Ev::Wrote(r));
+        }
+    } else if need_flush {
+        if let Poll::Ready(r) = Pin::new(&mut *io).poll_flush(cx) {
+            return Poll::Ready(Ev::Flushed(r));
+        }
+    }
+    let len = buf.len();
+    buf.resize(len + READ_CHUNK, 0);
+    let mut rb = ReadBuf::new(&mut buf[len..]);
+    let r = Pin::new(&mut *io).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    buf.truncate(len + n);
+    match r {
+        Poll::Ready(Ok(())) => Poll::Ready(Ev::Read(Ok(n))),
+        Poll::Ready(Err(e)) => Poll::Ready(Ev::Read(Err(e))),
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 impl Conn {
@@ -688,6 +731,8 @@ impl Conn {
             io: Box::new(tcp),
             framer: Framer::new(max),
             out: Vec::with_capacity(4096),
+            out_pos: 0,
+            need_flush: false,
             kill,
             gen,
             hang,
@@ -750,11 +795,16 @@ impl Conn {
                 };
                 self.handle_frame(frame).await?;
             }
-            self.flush().await?;
             self.wait_input().await?;
         }
     }
 
+    /// Wait for input from the client, writing pending output meanwhile.
+    ///
+    /// Output (replies and stanzas routed from other sessions) is written
+    /// while reading goes on, so a client that sends a lot without reading
+    /// never blocks its own input (Prosody buffers the same way); stanzas from
+    /// other sessions are taken in only while the output buffer is small.
     async fn wait_input(&mut self) -> Result<(), Exit> {
         loop {
             if *self.hang.borrow_and_update() {
@@ -764,9 +814,12 @@ impl Conn {
                 }
                 continue;
             }
+            let want_rx = self.out.len() - self.out_pos < OUT_HIGH_WATER;
             let ev = {
                 let io = &mut self.io;
                 let buf = self.framer.buf_mut();
+                let pending = &self.out[self.out_pos..];
+                let need_flush = self.need_flush;
                 let rx = &mut self.rx;
                 let kill = &mut self.kill;
                 let hang = &mut self.hang;
@@ -774,27 +827,42 @@ impl Conn {
                     biased;
                     _ = kill.changed() => Ev::Killed,
                     _ = hang.changed() => Ev::Hang,
-                    o = recv_opt(rx) => Ev::Out(o),
-                    r = io.read_buf(buf) => Ev::Read(r),
+                    e = std::future::poll_fn(|cx| poll_duplex(cx, io.as_mut(), pending, need_flush, buf)) => e,
+                    o = recv_opt(rx), if want_rx => Ev::Out(o),
                 }
             };
             match ev {
                 Ev::Killed => return Err(Exit::Killed),
                 Ev::Hang => continue,
-                Ev::Read(Ok(0)) | Ev::Read(Err(_)) => return Err(Exit::Gone),
+                Ev::Read(Ok(0))
+                | Ev::Read(Err(_))
+                | Ev::Wrote(Ok(0))
+                | Ev::Wrote(Err(_))
+                | Ev::Flushed(Err(_)) => return Err(Exit::Gone),
                 Ev::Read(Ok(_)) => return Ok(()),
+                Ev::Wrote(Ok(n)) => {
+                    self.out_pos += n;
+                    self.need_flush = true;
+                    if self.out_pos >= self.out.len() {
+                        self.out.clear();
+                        self.out_pos = 0;
+                    } else if self.out_pos > 65_536 && self.out_pos * 2 > self.out.len() {
+                        self.out.drain(..self.out_pos);
+                        self.out_pos = 0;
+                    }
+                }
+                Ev::Flushed(Ok(())) => self.need_flush = false,
                 Ev::Out(None) => self.rx = None,
                 Ev::Out(Some(o)) => {
                     self.push_out(o).await?;
                     let mut n = 0;
-                    while n < 256 && self.out.len() < 65_536 {
+                    while n < 256 && self.out.len() < OUT_HIGH_WATER {
                         let Some(Ok(o)) = self.rx.as_mut().map(|r| r.try_recv()) else {
                             break;
                         };
                         self.push_out(o).await?;
                         n += 1;
                     }
-                    self.flush().await?;
                 }
             }
         }
@@ -815,11 +883,11 @@ impl Conn {
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
-        if self.out.is_empty() {
+        if self.out_pos >= self.out.len() && !self.need_flush {
             return Ok(());
         }
         let io = &mut self.io;
-        let out = &self.out;
+        let out = &self.out[self.out_pos..];
         let kill = &mut self.kill;
         let r = tokio::select! {
             biased;
@@ -827,6 +895,8 @@ impl Conn {
             r = async { io.write_all(out).await?; io.flush().await } => r,
         };
         self.out.clear();
+        self.out_pos = 0;
+        self.need_flush = false;
         r.map_err(|_| Exit::Gone)
     }
 
