@@ -794,3 +794,15 @@ async fn writer_that_does_not_read_is_not_deadlocked() {
         assert_eq!(r.attr("type"), Some("result"));
     }
 }
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SimNode>();
+    send_sync::<SimPair>();
+    send_sync::<SimNodeConfig>();
+    send::<SimClient>();
+    send_sync::<ClientError>();
+    send_sync::<prg_proxy::sim::Stanza>();
+}

@@ -14,7 +14,22 @@
 //!   the old session, which gets a `<conflict/>` stream error;
 //! * [`SimNode::kill`] is a crash: no unavailable presence is broadcast for
 //!   the node's sessions, sockets are reset;
-//! * the roster is static ([`Roster`]); a roster set gets `<not-allowed/>`.
+//! * the roster is static ([`Roster`]); a roster set gets `<not-allowed/>`;
+//!   broadcast presence goes to the contacts' available resources on both
+//!   nodes and to all the user's own available resources, the sender included
+//!   (as Prosody echoes it); with [`Roster::AllUsers`] that is O(online users)
+//!   per presence, so large benches should use [`Roster::Empty`] or
+//!   [`Roster::Custom`];
+//! * "available" means bound *and* initial presence sent: a message to a bare
+//!   JID of a user whose resources sent no presence yet bounces (a full JID
+//!   always reaches a bound resource);
+//! * stanzas before authentication or before binding get a
+//!   `<service-unavailable/>` stanza error, as Prosody answers them;
+//! * restricted XML (DTD, comment, processing instruction, unknown entity)
+//!   gets `<restricted-xml/>` per RFC 6120 §11 (Prosody 0.12 says
+//!   `<not-well-formed/>`);
+//! * output to a slow reader is buffered without bound (like Prosody); the
+//!   node keeps reading while it writes.
 
 use std::collections::HashMap;
 use std::io;
