@@ -537,14 +537,36 @@ async fn restricted_xml_and_bad_xml() {
     c.send_raw("<?foo bar?>").await.expect("send");
     expect_stream_error(&mut c, "restricted-xml").await;
 
-    // Stanzas before authentication.
+    let mut c = online(&node, "alice", "desk").await;
+    c.send_raw("<foo xmlns='urn:x'/>").await.expect("send");
+    expect_stream_error(&mut c, "unsupported-stanza-type").await;
+}
+
+#[tokio::test]
+async fn stanzas_before_auth_and_bind_get_service_unavailable() {
+    // As Prosody does: a stanza error, and the stream stays usable.
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
     let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
         .await
         .expect("connect");
     c.send_raw("<message to='bob@example.com'><body>x</body></message>")
         .await
         .expect("send");
-    expect_stream_error(&mut c, "not-authorized").await;
+    let e = c.recv(T).await.expect("error");
+    assert_eq!(e.attr("type"), Some("error"));
+    assert_eq!(e.attr("from"), Some("bob@example.com"));
+    assert!(e.has_child("service-unavailable"), "{}", e.raw);
+    c.login("alice", "pw", "PLAIN").await.expect("login");
+    c.send_raw("<iq type='get' id='p1' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await
+        .expect("send");
+    let e = c.recv(T).await.expect("error");
+    assert_eq!(
+        (e.name.as_str(), e.attr("id"), e.attr("type")),
+        ("iq", Some("p1"), Some("error"))
+    );
+    c.bind("x").await.expect("bind");
+    c.ping().await.expect("ping");
 }
 
 #[tokio::test]
@@ -656,4 +678,131 @@ async fn message_throughput_smoke() {
         "{n} messages in {el:?} ({:.0}/s, debug build)",
         n as f64 / el.as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn login_rate_smoke() {
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    let n = 200;
+    let start = std::time::Instant::now();
+    for i in 0..n {
+        let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
+            .await
+            .expect("connect");
+        c.login(
+            "alice",
+            "pw",
+            if i % 2 == 0 { "SCRAM-SHA-1" } else { "PLAIN" },
+        )
+        .await
+        .expect("login");
+        c.bind(&format!("r{i}")).await.expect("bind");
+    }
+    let el = start.elapsed();
+    eprintln!(
+        "{n} logins in {el:?} ({:.0}/s, debug build, sequential)",
+        n as f64 / el.as_secs_f64()
+    );
+    assert_eq!(node.logins_total(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_concurrent_fanout() {
+    let n_users = 12;
+    let users: Vec<(String, String)> = (0..n_users)
+        .map(|i| (format!("u{i}"), "pw".to_string()))
+        .collect();
+    let pair = SimPair::start(
+        SimNodeConfig::new("imp1", D, users.clone()),
+        SimNodeConfig::new("imp2", D, users),
+    )
+    .await
+    .expect("pair");
+    let mut clients = Vec::new();
+    for i in 0..n_users {
+        let node = &pair.nodes[i % 2];
+        let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
+            .await
+            .expect("connect");
+        c.login(&format!("u{i}"), "pw", "PLAIN")
+            .await
+            .expect("login");
+        c.bind("r").await.expect("bind");
+        clients.push(c);
+    }
+    assert_eq!(
+        pair.nodes[0].session_count() + pair.nodes[1].session_count(),
+        n_users
+    );
+    let per_peer = 20;
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            c.send_presence(None, Some(&format!("u{i} here")))
+                .await
+                .expect("presence");
+            for k in 0..per_peer {
+                for j in 0..n_users {
+                    if j != i {
+                        c.send_message(&format!("u{j}@example.com/r"), &format!("{i}:{k}"))
+                            .await
+                            .expect("send");
+                    }
+                }
+            }
+            let mut got = 0;
+            let mut last = vec![-1i64; n_users];
+            while got < per_peer * (n_users - 1) {
+                let m = c
+                    .wait_for(Duration::from_secs(10), |s| s.name == "message")
+                    .await
+                    .expect("message");
+                let body = m.body().expect("body");
+                let (from, k) = body.split_once(':').expect("format");
+                let (from, k): (usize, i64) = (from.parse().expect("from"), k.parse().expect("k"));
+                assert!(k > last[from], "per-sender order");
+                last[from] = k;
+                got += 1;
+            }
+            c
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+#[tokio::test]
+async fn writer_that_does_not_read_is_not_deadlocked() {
+    // The node keeps reading while its replies pile up (as Prosody does).
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    let mut c = online(&node, "alice", "desk").await;
+    let n = 40_000;
+    let batch: String = (0..1000)
+        .map(|i| {
+            format!("<iq type='get' id='b{i}' to='example.com'><ping xmlns='urn:xmpp:ping'/></iq>")
+        })
+        .collect();
+    for _ in 0..n / 1000 {
+        tokio::time::timeout(T, c.send_raw(&batch))
+            .await
+            .expect("send not blocked")
+            .expect("send");
+    }
+    for _ in 0..n {
+        let r = c.recv(T).await.expect("reply");
+        assert_eq!(r.attr("type"), Some("result"));
+    }
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SimNode>();
+    send_sync::<SimPair>();
+    send_sync::<SimNodeConfig>();
+    send::<SimClient>();
+    send_sync::<ClientError>();
+    send_sync::<prg_proxy::sim::Stanza>();
 }

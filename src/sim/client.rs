@@ -178,8 +178,9 @@ impl SimClient {
         Self::connect_with(addr, domain, tls, None).await
     }
 
-    /// Like [`SimClient::connect`], with a `from` on the stream headers (sent
-    /// after TLS is established, and on every later stream restart).
+    /// Like [`SimClient::connect`], with a `from` on the stream headers: on
+    /// every header except the pre-TLS one of a STARTTLS connection (RFC 6120
+    /// §4.7.1), i.e. also on the restart after SASL.
     pub async fn connect_with(
         addr: SocketAddr,
         domain: &str,
@@ -201,7 +202,7 @@ impl SimClient {
             closed: false,
         };
         match tls {
-            ClientTls::None => c.open_stream(false).await?,
+            ClientTls::None => c.open_stream(true).await?,
             ClientTls::Direct {
                 config,
                 server_name,
@@ -716,4 +717,39 @@ fn check_stream_error(s: &Stanza) -> Result<(), ClientError> {
         text,
         raw: s.raw.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_error_with_application_condition() {
+        let raw = "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>node imp1 failed over; reconnect in 317 s</text><relogin xmlns='urn:x-prg-proxy:relogin:0' after='317' min='120' max='537' reason='failover'/></stream:error>";
+        let s = Stanza::from_raw(Bytes::from(raw)).expect("stanza");
+        assert_eq!(s.name, "error");
+        match check_stream_error(&s) {
+            Err(ClientError::StreamError {
+                condition,
+                text,
+                raw: r,
+            }) => {
+                assert_eq!(condition, "system-shutdown");
+                assert_eq!(
+                    text.as_deref(),
+                    Some("node imp1 failed over; reconnect in 317 s")
+                );
+                assert_eq!(r, raw);
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = Stanza::from_raw(Bytes::from(
+            "<message from='a@b'><body>x</body><error/></message>",
+        ))
+        .expect("stanza");
+        assert!(check_stream_error(&s).is_ok());
+        assert_eq!(s.body().as_deref(), Some("x"));
+        assert!(s.has_child("error"));
+        assert_eq!(s.attr("from"), Some("a@b"));
+    }
 }

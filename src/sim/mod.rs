@@ -8,6 +8,8 @@
 //! tests, the demo and the benches; it speaks the standard protocol and also
 //! works through the proxy and against a real server.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod node;
 mod scram;

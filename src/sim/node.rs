@@ -14,7 +14,22 @@
 //!   the old session, which gets a `<conflict/>` stream error;
 //! * [`SimNode::kill`] is a crash: no unavailable presence is broadcast for
 //!   the node's sessions, sockets are reset;
-//! * the roster is static ([`Roster`]); a roster set gets `<not-allowed/>`.
+//! * the roster is static ([`Roster`]); a roster set gets `<not-allowed/>`;
+//!   broadcast presence goes to the contacts' available resources on both
+//!   nodes and to all the user's own available resources, the sender included
+//!   (as Prosody echoes it); with [`Roster::AllUsers`] that is O(online users)
+//!   per presence, so large benches should use [`Roster::Empty`] or
+//!   [`Roster::Custom`];
+//! * "available" means bound *and* initial presence sent: a message to a bare
+//!   JID of a user whose resources sent no presence yet bounces (a full JID
+//!   always reaches a bound resource);
+//! * stanzas before authentication or before binding get a
+//!   `<service-unavailable/>` stanza error, as Prosody answers them;
+//! * restricted XML (DTD, comment, processing instruction, unknown entity)
+//!   gets `<restricted-xml/>` per RFC 6120 §11 (Prosody 0.12 says
+//!   `<not-well-formed/>`);
+//! * output to a slow reader is buffered without bound (like Prosody); the
+//!   node keeps reading while it writes.
 
 use std::collections::HashMap;
 use std::io;
@@ -651,6 +666,10 @@ struct Conn {
     io: Box<dyn Io>,
     framer: Framer,
     out: Vec<u8>,
+    /// Bytes of `out` already written.
+    out_pos: usize,
+    /// Written bytes may sit in a TLS buffer: flush before idling.
+    need_flush: bool,
     kill: watch::Receiver<u64>,
     gen: u64,
     hang: watch::Receiver<bool>,
@@ -674,7 +693,46 @@ enum Ev {
     Killed,
     Hang,
     Read(io::Result<usize>),
+    Wrote(io::Result<usize>),
+    Flushed(io::Result<()>),
     Out(Option<Out>),
+}
+
+/// Output above this many unwritten bytes stops taking stanzas from other sessions.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Bytes read per call.
+const READ_CHUNK: usize = 8192;
+
+/// Poll one stream for writing `pending` (or flushing) and for reading into `buf`.
+fn poll_duplex(
+    cx: &mut std::task::Context<'_>,
+    io: &mut dyn Io,
+    pending: &[u8],
+    need_flush: bool,
+    buf: &mut bytes::BytesMut,
+) -> Poll<Ev> {
+    use std::pin::Pin;
+    use tokio::io::ReadBuf;
+    if !pending.is_empty() {
+        if let Poll::Ready(r) = Pin::new(&mut *io).poll_write(cx, pending) {
+            return Poll::Ready(Ev::Wrote(r));
+        }
+    } else if need_flush {
+        if let Poll::Ready(r) = Pin::new(&mut *io).poll_flush(cx) {
+            return Poll::Ready(Ev::Flushed(r));
+        }
+    }
+    let len = buf.len();
+    buf.resize(len + READ_CHUNK, 0);
+    let mut rb = ReadBuf::new(&mut buf[len..]);
+    let r = Pin::new(&mut *io).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    buf.truncate(len + n);
+    match r {
+        Poll::Ready(Ok(())) => Poll::Ready(Ev::Read(Ok(n))),
+        Poll::Ready(Err(e)) => Poll::Ready(Ev::Read(Err(e))),
+        Poll::Pending => Poll::Pending,
+    }
 }
 
 impl Conn {
@@ -688,6 +746,8 @@ impl Conn {
             io: Box::new(tcp),
             framer: Framer::new(max),
             out: Vec::with_capacity(4096),
+            out_pos: 0,
+            need_flush: false,
             kill,
             gen,
             hang,
@@ -750,11 +810,16 @@ impl Conn {
                 };
                 self.handle_frame(frame).await?;
             }
-            self.flush().await?;
             self.wait_input().await?;
         }
     }
 
+    /// Wait for input from the client, writing pending output meanwhile.
+    ///
+    /// Output (replies and stanzas routed from other sessions) is written
+    /// while reading goes on, so a client that sends a lot without reading
+    /// never blocks its own input (Prosody buffers the same way); stanzas from
+    /// other sessions are taken in only while the output buffer is small.
     async fn wait_input(&mut self) -> Result<(), Exit> {
         loop {
             if *self.hang.borrow_and_update() {
@@ -764,9 +829,12 @@ impl Conn {
                 }
                 continue;
             }
+            let want_rx = self.out.len() - self.out_pos < OUT_HIGH_WATER;
             let ev = {
                 let io = &mut self.io;
                 let buf = self.framer.buf_mut();
+                let pending = &self.out[self.out_pos..];
+                let need_flush = self.need_flush;
                 let rx = &mut self.rx;
                 let kill = &mut self.kill;
                 let hang = &mut self.hang;
@@ -774,27 +842,42 @@ impl Conn {
                     biased;
                     _ = kill.changed() => Ev::Killed,
                     _ = hang.changed() => Ev::Hang,
-                    o = recv_opt(rx) => Ev::Out(o),
-                    r = io.read_buf(buf) => Ev::Read(r),
+                    e = std::future::poll_fn(|cx| poll_duplex(cx, io.as_mut(), pending, need_flush, buf)) => e,
+                    o = recv_opt(rx), if want_rx => Ev::Out(o),
                 }
             };
             match ev {
                 Ev::Killed => return Err(Exit::Killed),
                 Ev::Hang => continue,
-                Ev::Read(Ok(0)) | Ev::Read(Err(_)) => return Err(Exit::Gone),
+                Ev::Read(Ok(0))
+                | Ev::Read(Err(_))
+                | Ev::Wrote(Ok(0))
+                | Ev::Wrote(Err(_))
+                | Ev::Flushed(Err(_)) => return Err(Exit::Gone),
                 Ev::Read(Ok(_)) => return Ok(()),
+                Ev::Wrote(Ok(n)) => {
+                    self.out_pos += n;
+                    self.need_flush = true;
+                    if self.out_pos >= self.out.len() {
+                        self.out.clear();
+                        self.out_pos = 0;
+                    } else if self.out_pos > 65_536 && self.out_pos * 2 > self.out.len() {
+                        self.out.drain(..self.out_pos);
+                        self.out_pos = 0;
+                    }
+                }
+                Ev::Flushed(Ok(())) => self.need_flush = false,
                 Ev::Out(None) => self.rx = None,
                 Ev::Out(Some(o)) => {
                     self.push_out(o).await?;
                     let mut n = 0;
-                    while n < 256 && self.out.len() < 65_536 {
+                    while n < 256 && self.out.len() < OUT_HIGH_WATER {
                         let Some(Ok(o)) = self.rx.as_mut().map(|r| r.try_recv()) else {
                             break;
                         };
                         self.push_out(o).await?;
                         n += 1;
                     }
-                    self.flush().await?;
                 }
             }
         }
@@ -815,11 +898,11 @@ impl Conn {
     }
 
     async fn flush(&mut self) -> Result<(), Exit> {
-        if self.out.is_empty() {
+        if self.out_pos >= self.out.len() && !self.need_flush {
             return Ok(());
         }
         let io = &mut self.io;
-        let out = &self.out;
+        let out = &self.out[self.out_pos..];
         let kill = &mut self.kill;
         let r = tokio::select! {
             biased;
@@ -827,6 +910,8 @@ impl Conn {
             r = async { io.write_all(out).await?; io.flush().await } => r,
         };
         self.out.clear();
+        self.out_pos = 0;
+        self.need_flush = false;
         r.map_err(|_| Exit::Gone)
     }
 
@@ -844,11 +929,22 @@ impl Conn {
 
     /// Send a stream error and close our stream.
     async fn fail(&mut self, condition: &str) -> Exit {
+        // Same texts as Prosody for the conditions it explains.
+        let extra = match condition {
+            "policy-violation" => "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>XML stanza is too big</text><stanza-too-big xmlns='urn:xmpp:errors'/>".to_owned(),
+            "conflict" => "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Replaced by new connection</text>".to_owned(),
+            _ => String::new(),
+        };
+        self.fail_with(condition, &extra).await
+    }
+
+    /// Send a stream error with extra children (e.g. `<text/>`) and close our stream.
+    async fn fail_with(&mut self, condition: &str, extra: &str) -> Exit {
         if !self.header_sent {
             self.push_header();
         }
         self.out.extend_from_slice(
-            format!("<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>").as_bytes(),
+            format!("<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>{extra}</stream:error></stream:stream>").as_bytes(),
         );
         match self.flush().await {
             Err(e) => e,
@@ -918,7 +1014,11 @@ impl Conn {
             return Err(self.fail("invalid-namespace").await);
         }
         if get("to").is_some_and(|to| !to.eq_ignore_ascii_case(&self.node.domain)) {
-            return Err(self.fail("host-unknown").await);
+            let text = format!(
+                "<text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>This server does not serve {}</text>",
+                esc(get("to").unwrap_or(""))
+            );
+            return Err(self.fail_with("host-unknown", &text).await);
         }
         self.push_header();
         self.stream_open = true;
@@ -986,7 +1086,13 @@ impl Conn {
                     self.sasl_failure("aborted");
                     Ok(())
                 }
-                ("iq" | "message" | "presence", _) => Err(self.fail("not-authorized").await),
+                ("iq" | "message" | "presence", _) => {
+                    // Like Prosody: a stanza error, the stream stays open.
+                    if el.attr("type") != Some("error") {
+                        self.stanza_error(&el, "service-unavailable", "cancel", None);
+                    }
+                    Ok(())
+                }
                 _ => Err(self.fail("unsupported-stanza-type").await),
             };
         }
@@ -1005,7 +1111,14 @@ impl Conn {
                     return Ok(());
                 }
             }
-            return Err(self.fail("not-authorized").await);
+            if !matches!(name, "iq" | "message" | "presence") {
+                return Err(self.fail("unsupported-stanza-type").await);
+            }
+            // Like Prosody: a stanza error, the stream stays open.
+            if el.attr("type") != Some("error") {
+                self.stanza_error(&el, "service-unavailable", "cancel", None);
+            }
+            return Ok(());
         };
         if let Some(from) = el.attr("from") {
             let bare = &sess.full[..sess.full.len() - sess.resource.len() - 1];
@@ -1235,13 +1348,12 @@ impl Conn {
         if let Some(sess) = &self.sess {
             s.push_str(&format!(" to='{}'", esc(&sess.full)));
         }
-        let from = from
-            .or(el.attr("to"))
-            .unwrap_or(&self.node.domain)
-            .to_owned();
+        // Like Prosody: no `from` when the request had no `to` (the account's server).
+        if let Some(from) = from.or(el.attr("to")) {
+            s.push_str(&format!(" from='{}'", esc(from)));
+        }
         s.push_str(&format!(
-            " from='{}'><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>",
-            esc(&from)
+            "><error type='{etype}'><{cond} xmlns='{NS_STANZAS}'/></error></{name}>"
         ));
         self.out.extend_from_slice(s.as_bytes());
     }

@@ -1,5 +1,8 @@
 //! SCRAM-SHA-1 (RFC 5802), server and client side, with saslname escaping.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -50,6 +53,26 @@ pub(crate) fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [
     let mut out = [0u8; 20];
     pbkdf2::pbkdf2_hmac::<Sha1>(password.as_bytes(), salt, iterations.max(1), &mut out);
     out
+}
+
+/// Client-side cache of `Hi()` results keyed by (password, salt, iterations),
+/// as RFC 5802 §5.1 allows: a load generator logging in thousands of times
+/// must not pay the PBKDF2 cost on every login.
+fn cached_salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 20] {
+    type Cache = HashMap<(String, Vec<u8>, u32), [u8; 20]>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (password.to_owned(), salt.to_vec(), iterations);
+    if let Some(sp) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return *sp;
+    }
+    let sp = salted_password(password, salt, iterations);
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if c.len() >= 4096 {
+        c.clear();
+    }
+    c.insert(key, sp);
+    sp
 }
 
 /// What the server stores for one password.
@@ -255,7 +278,7 @@ impl ScramClient {
         if !nonce.starts_with(&self.cnonce) || nonce.len() <= self.cnonce.len() {
             return Err(ScramError::NotAuthorized);
         }
-        let sp = salted_password(&self.password, &salt, iters);
+        let sp = cached_salted_password(&self.password, &salt, iters);
         let client_key = hmac(&sp, b"Client Key");
         let stored = sha1(&client_key);
         let without_proof = format!("c=biws,r={nonce}");
