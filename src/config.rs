@@ -201,13 +201,17 @@ impl Default for SrmConfig {
     }
 }
 
-/// Client-facing listeners; at least one must be set.
+/// Client-facing listeners. Without a `[listen]` table both listen on their
+/// standard ports; with one, exactly the listeners it names are opened (at
+/// least one).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     /// STARTTLS listener (XMPP default 5222).
+    #[serde(default)]
     pub starttls: Option<SocketAddr>,
     /// Direct TLS listener (XEP-0368, default 5223, ALPN `xmpp-client`).
+    #[serde(default)]
     pub direct_tls: Option<SocketAddr>,
 }
 

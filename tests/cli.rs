@@ -154,9 +154,13 @@ async fn sigterm_drains_with_system_shutdown() {
         }
     });
     let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("proxy logs its listener");
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(e) => panic!(
+                "no listener in the log ({e}); proxy: {:?}",
+                child.try_wait()
+            ),
+        };
         if let Some(rest) = line.split("addr=").nth(1) {
             if line.contains("listening") {
                 break rest

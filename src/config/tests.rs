@@ -137,3 +137,18 @@ fn assignment_overrides() {
         .unwrap_err();
     assert!(e.contains("imp9"));
 }
+
+#[test]
+fn listen_table_names_exactly_the_listeners() {
+    let no_table = EXAMPLE.replace(
+        "[listen]\nstarttls = \"127.0.0.1:5222\"\ndirect_tls = \"127.0.0.1:5223\"\n",
+        "",
+    );
+    let c = Config::parse(&no_table).unwrap();
+    assert_eq!(c.listen.starttls, Some("0.0.0.0:5222".parse().unwrap()));
+    assert_eq!(c.listen.direct_tls, Some("0.0.0.0:5223".parse().unwrap()));
+    let only = EXAMPLE.replace("direct_tls = \"127.0.0.1:5223\"\n", "");
+    let c = Config::parse(&only).unwrap();
+    assert_eq!(c.listen.starttls, Some("127.0.0.1:5222".parse().unwrap()));
+    assert_eq!(c.listen.direct_tls, None, "not named, not opened");
+}
