@@ -237,9 +237,7 @@ impl Framer {
                     } else if b == b'<' {
                         self.state = State::Lt;
                     } else {
-                        return Err(FrameError::NotWellFormed(
-                            "text outside of a stanza",
-                        ));
+                        return Err(FrameError::NotWellFormed("text outside of a stanza"));
                     }
                     i += 1;
                 }
@@ -281,9 +279,7 @@ impl Framer {
                     if self.depth == 0 {
                         let name = &buf[s..e];
                         if !self.in_stream && !is_stream_name(name) {
-                            return Err(FrameError::NotWellFormed(
-                                "expected a stream header",
-                            ));
+                            return Err(FrameError::NotWellFormed("expected a stream header"));
                         }
                         if self.xml_decl_seen && !is_stream_name(name) {
                             return Err(FrameError::NotWellFormed(
