@@ -269,7 +269,7 @@ impl ClientConnection {
             let mechanism = peek::attr(&frame[..head_end], b"mechanism")
                 .map(|m| String::from_utf8_lossy(m).into_owned())
                 .unwrap_or_default();
-            if !mechanisms.iter().any(|m| *m == mechanism) {
+            if !mechanisms.contains(&mechanism) {
                 let f = stream::sasl_failure("invalid-mechanism", Some("mechanism not offered"));
                 write(&mut client, f.as_bytes()).await?;
                 continue;

@@ -185,7 +185,7 @@ struct UserSlot {
     /// Further sessions (multi-device users); empty costs no allocation.
     more: Vec<SessionSlot>,
     /// Temp-presence placeholder; boxed because almost nobody has any.
-    temp: Option<Box<Vec<Arc<str>>>>,
+    temp: Option<Box<[Arc<str>]>>,
 }
 
 impl UserSlot {
@@ -459,7 +459,11 @@ impl Tracker {
             home: NodeIndex::from(u.home),
             serving: NodeIndex::from(u.serving),
             sessions: u.sessions().map(SessionSlot::to_public).collect(),
-            temp_subscriptions: u.temp.as_deref().cloned().unwrap_or_default(),
+            temp_subscriptions: u
+                .temp
+                .as_deref()
+                .map(<[Arc<str>]>::to_vec)
+                .unwrap_or_default(),
         })
     }
 

@@ -67,10 +67,8 @@ pub fn parse_header(bytes: &[u8]) -> Result<StreamHeader, HeaderError> {
                         b"id" => h.id = Some(v),
                         b"version" => h.version = Some(v),
                         b"xml:lang" => h.lang = Some(v),
-                        k if k.starts_with(b"xmlns") => {
-                            if v == "http://etherx.jabber.org/streams" {
-                                streams_ns = true;
-                            }
+                        k if k.starts_with(b"xmlns") && v == "http://etherx.jabber.org/streams" => {
+                            streams_ns = true;
                         }
                         _ => {}
                     }
