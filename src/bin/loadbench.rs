@@ -297,7 +297,7 @@ impl Bench {
         Ok((p, addr))
     }
 
-    async fn start_relay(&self) -> Res<(Proc, SocketAddr)> {
+    async fn start_relay(&self, to: SocketAddr) -> Res<(Proc, SocketAddr)> {
         let addr = free_port()?;
         let me = std::env::current_exe().map_err(err("current exe"))?;
         let child = self
@@ -306,7 +306,7 @@ impl Bench {
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--to")
-            .arg(self.tls_pair.nodes[0].addr().to_string())
+            .arg(to.to_string())
             .stdin(Stdio::null())
             .spawn()
             .map_err(err("start relay"))?;
@@ -318,7 +318,7 @@ impl Bench {
         Ok((p, addr))
     }
 
-    async fn start_haproxy(&self) -> Res<Option<(Proc, SocketAddr)>> {
+    async fn start_haproxy(&self, to: SocketAddr) -> Res<Option<(Proc, SocketAddr)>> {
         let found = Command::new(&self.c.haproxy)
             .arg("-v")
             .stdout(Stdio::null())
@@ -337,8 +337,7 @@ impl Bench {
         let text = format!(
             "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
              timeout client 120s\n  timeout server 120s\n\nfrontend xmpp\n  bind {addr}\n  \
-             default_backend node\n\nbackend node\n  server imp1 {}\n",
-            self.tls_pair.nodes[0].addr()
+             default_backend node\n\nbackend node\n  server imp1 {to}\n"
         );
         std::fs::write(&cfg, text).map_err(err("haproxy config"))?;
         let child = self
@@ -358,27 +357,38 @@ impl Bench {
     }
 
     /// Relay throughput for every target and stanza size.
+    ///
+    /// The TCP relays pass the client's TLS through to a node that ends it;
+    /// the proxy ends TLS itself and talks plain TCP to its node. So that
+    /// the relays are not charged for TLS the proxy would do anyway, they
+    /// are also measured with plain-TCP clients to a plain node
+    /// (`/plain`: the relay's own cost, less work than the proxy does).
     async fn throughput(&self) -> Res<()> {
-        let direct = self.tls_pair.nodes[0].addr();
+        let tls_node = self.tls_pair.nodes[0].addr();
+        let plain_node = self.plain_pair.nodes[0].addr();
         let (_proxy, proxy) = self.start_proxy().await?;
-        let (_relay, relay) = self.start_relay().await?;
-        let haproxy = self.start_haproxy().await?;
+        let (_relay, relay) = self.start_relay(tls_node).await?;
+        let (_relay_plain, relay_plain) = self.start_relay(plain_node).await?;
+        let haproxy = self.start_haproxy(tls_node).await?;
+        let haproxy_plain = self.start_haproxy(plain_node).await?;
         let mut targets = vec![
-            ("direct", direct),
-            ("prg-proxy", proxy),
-            ("tokio-relay", relay),
+            ("direct", tls_node, true),
+            ("prg-proxy", proxy, true),
+            ("tokio-relay", relay, true),
+            ("tokio-relay/plain", relay_plain, false),
         ];
-        if let Some((_, a)) = &haproxy {
-            targets.push(("haproxy", *a));
+        if let (Some((_, a)), Some((_, b))) = (&haproxy, &haproxy_plain) {
+            targets.push(("haproxy", *a, true));
+            targets.push(("haproxy/plain", *b, false));
         }
         for &size in &self.c.sizes {
             let mut rates: HashMap<&str, f64> = HashMap::new();
-            for &(name, addr) in &targets {
-                let (stanzas, secs) = self.pump(addr, size).await?;
+            for &(name, addr, tls) in &targets {
+                let (stanzas, secs) = self.pump(addr, tls, size).await?;
                 let rate = stanzas as f64 / secs;
                 rates.insert(name, rate);
                 println!(
-                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<12} {:>9.0} stanzas/s {:>7.1} MB/s",
+                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:>9.0} stanzas/s {:>7.1} MB/s",
                     self.c.clients,
                     rate,
                     rate * size as f64 / 1e6
@@ -391,9 +401,11 @@ impl Bench {
                     .map_or("n/a".to_string(), |r| format!("{:.2}x", p / r))
             };
             println!(
-                "SUMMARY relay: {size:>5} B ratio prg-proxy/tokio-relay {}  prg-proxy/haproxy {}  prg-proxy/direct {}  [goal >= 0.7x relay, >= 1.0x haproxy]",
+                "SUMMARY relay: {size:>5} B ratio prg-proxy/tokio-relay {} (/plain {})  prg-proxy/haproxy {} (/plain {})  prg-proxy/direct {}  [goal >= 0.7x relay, >= 1.0x haproxy]",
                 ratio("tokio-relay"),
+                ratio("tokio-relay/plain"),
                 ratio("haproxy"),
+                ratio("haproxy/plain"),
                 ratio("direct")
             );
         }
@@ -402,10 +414,11 @@ impl Bench {
 
     /// Logs `clients` users in through `addr`, then each keeps `window`
     /// messages to itself in flight for `secs`. Returns (stanzas, seconds).
-    async fn pump(&self, addr: SocketAddr, size: usize) -> Res<(u64, f64)> {
+    async fn pump(&self, addr: SocketAddr, tls: bool, size: usize) -> Res<(u64, f64)> {
         let mut conns = Vec::with_capacity(self.c.clients);
         for i in 0..self.c.clients {
-            conns.push(login(addr, &self.client_tls, &user(i), &format!("t{size}")).await?);
+            let tls = tls.then_some(&self.client_tls);
+            conns.push(login(addr, tls, &user(i), &format!("t{size}")).await?);
         }
         let done = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
@@ -444,7 +457,7 @@ impl Bench {
                         let mut k = 0u64;
                         // Bounded in time and in count.
                         while Instant::now() < deadline && k < 100_000 {
-                            let c = login(addr, &tls, &user(w), &format!("l{k}")).await?;
+                            let c = login(addr, Some(&tls), &user(w), &format!("l{k}")).await?;
                             c.close().await;
                             k += 1;
                             n.fetch_add(1, Ordering::Relaxed);
@@ -476,7 +489,7 @@ impl Bench {
         // Warm up: first connections size the runtime's and allocator's pools.
         let mut warm = Vec::new();
         for i in 0..8 {
-            warm.push(login(addr, &self.client_tls, &user(i), "warm").await?);
+            warm.push(login(addr, Some(&self.client_tls), &user(i), "warm").await?);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = proxy.rss_kib();
@@ -489,7 +502,7 @@ impl Bench {
                 let tls = self.client_tls.clone();
                 tokio::spawn(async move {
                     let _p = gate.acquire().await.map_err(|e| e.to_string())?;
-                    login(addr, &tls, &user(i), "idle").await
+                    login(addr, Some(&tls), &user(i), "idle").await
                 })
             })
             .collect();
@@ -579,7 +592,7 @@ async fn open(io: &mut (impl AsyncRead + AsyncWrite + Unpin), buf: &mut Vec<u8>)
 
 async fn login(
     addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     user: &str,
     resource: &str,
 ) -> Res<Lean> {
@@ -587,29 +600,33 @@ async fn login(
     let _ = tcp.set_nodelay(true);
     let mut buf = Vec::new();
     let features = open(&mut tcp, &mut buf).await?;
-    if !peek::contains(&features, b"urn:ietf:params:xml:ns:xmpp-tls") {
-        return Err("no STARTTLS offered".into());
-    }
-    tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        .await
-        .map_err(err("write"))?;
-    let mut f = Framer::in_open_stream(1 << 20);
-    let (_, proceed) = next_element(&mut tcp, &mut buf, &mut f).await?;
-    if Frame::name_of(&proceed) != b"proceed" {
-        return Err("STARTTLS refused".into());
-    }
-    let name =
-        rustls_pki_types::ServerName::try_from(DOMAIN.to_string()).map_err(|e| e.to_string())?;
-    let tls = tokio::time::timeout(
-        STEP,
-        tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| "TLS timeout".to_string())?
-    .map_err(err("TLS"))?;
-    let mut io: Box<dyn Io> = Box::new(tls);
-    buf.clear();
-    open(&mut io, &mut buf).await?;
+    let mut io: Box<dyn Io> = match tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            if !peek::contains(&features, b"urn:ietf:params:xml:ns:xmpp-tls") {
+                return Err("no STARTTLS offered".into());
+            }
+            tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                .await
+                .map_err(err("write"))?;
+            let mut f = Framer::in_open_stream(1 << 20);
+            let (_, proceed) = next_element(&mut tcp, &mut buf, &mut f).await?;
+            if Frame::name_of(&proceed) != b"proceed" {
+                return Err("STARTTLS refused".into());
+            }
+            let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())
+                .map_err(|e| e.to_string())?;
+            let connect = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp);
+            let tls = tokio::time::timeout(STEP, connect)
+                .await
+                .map_err(|_| "TLS timeout".to_string())?
+                .map_err(err("TLS"))?;
+            let mut io: Box<dyn Io> = Box::new(tls);
+            buf.clear();
+            open(&mut io, &mut buf).await?;
+            io
+        }
+    };
     let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0pw"));
     io.write_all(
         format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>")
