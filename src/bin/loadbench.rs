@@ -156,6 +156,21 @@ struct Proc {
 }
 
 impl Proc {
+    /// CPU time (user + system) the process has used, in seconds (from
+    /// `/proc`, clock ticks of 10 ms).
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        ticks as f64 / 100.0
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
@@ -366,29 +381,46 @@ impl Bench {
     async fn throughput(&self) -> Res<()> {
         let tls_node = self.tls_pair.nodes[0].addr();
         let plain_node = self.plain_pair.nodes[0].addr();
-        let (_proxy, proxy) = self.start_proxy().await?;
-        let (_relay, relay) = self.start_relay(tls_node).await?;
-        let (_relay_plain, relay_plain) = self.start_relay(plain_node).await?;
+        let (proxy_p, proxy) = self.start_proxy().await?;
+        let (relay_p, relay) = self.start_relay(tls_node).await?;
+        let (relay_plain_p, relay_plain) = self.start_relay(plain_node).await?;
         let haproxy = self.start_haproxy(tls_node).await?;
         let haproxy_plain = self.start_haproxy(plain_node).await?;
-        let mut targets = vec![
-            ("direct", tls_node, true),
-            ("prg-proxy", proxy, true),
-            ("tokio-relay", relay, true),
-            ("tokio-relay/plain", relay_plain, false),
+        let mut targets: Vec<(&str, SocketAddr, bool, Option<&Proc>)> = vec![
+            ("direct", tls_node, true, None),
+            ("prg-proxy", proxy, true, Some(&proxy_p)),
+            ("tokio-relay", relay, true, Some(&relay_p)),
+            (
+                "tokio-relay/plain",
+                relay_plain,
+                false,
+                Some(&relay_plain_p),
+            ),
         ];
-        if let (Some((_, a)), Some((_, b))) = (&haproxy, &haproxy_plain) {
-            targets.push(("haproxy", *a, true));
-            targets.push(("haproxy/plain", *b, false));
+        if let (Some((a_p, a)), Some((b_p, b))) = (&haproxy, &haproxy_plain) {
+            targets.push(("haproxy", *a, true, Some(a_p)));
+            targets.push(("haproxy/plain", *b, false, Some(b_p)));
         }
         for &size in &self.c.sizes {
             let mut rates: HashMap<&str, f64> = HashMap::new();
-            for &(name, addr, tls) in &targets {
+            for &(name, addr, tls, proc_) in &targets {
+                let cpu0 = proc_.map_or(0.0, Proc::cpu_secs);
                 let (stanzas, secs) = self.pump(addr, tls, size).await?;
+                let cpu = proc_.map_or(0.0, Proc::cpu_secs) - cpu0;
                 let rate = stanzas as f64 / secs;
                 rates.insert(name, rate);
+                // The relay's CPU per stanza does not depend on whether the
+                // driver (nodes + clients) saturates first.
+                let cost = match proc_ {
+                    Some(_) => format!(
+                        "  relay CPU {:>5.2} us/stanza ({:>3.0} % of a core)",
+                        cpu * 1e6 / stanzas.max(1) as f64,
+                        cpu * 100.0 / secs
+                    ),
+                    None => String::new(),
+                };
                 println!(
-                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:>9.0} stanzas/s {:>7.1} MB/s",
+                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:>9.0} stanzas/s {:>7.1} MB/s{cost}",
                     self.c.clients,
                     rate,
                     rate * size as f64 / 1e6
