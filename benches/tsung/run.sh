@@ -26,6 +26,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 work="$(mktemp -d /tmp/prg-tsung.XXXXXX)"
+chmod 755 "$work"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -70,7 +71,7 @@ modules_disabled = { "s2s" }
 authentication = "internal_plain"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
-ssl = { certificate = "$work/certs/cert.pem", key = "$work/certs/key.pem" }
+ssl = { certificate = "$work/certs/dev-cert.pem", key = "$work/certs/dev-key.pem" }
 VirtualHost "example.com"
 CFG
   prosody -F --config "$d/prosody.cfg.lua" >"$d/stdout.log" 2>&1 &
@@ -97,8 +98,8 @@ address = "127.0.0.1:${ports[1]}"
 starttls = "127.0.0.1:$proxy_port"
 
 [tls]
-cert = "$work/certs/cert.pem"
-key = "$work/certs/key.pem"
+cert = "$work/certs/dev-cert.pem"
+key = "$work/certs/dev-key.pem"
 CFG
 RUST_LOG=warn "$proxy_bin" run --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 pids+=("$!")
@@ -108,7 +109,7 @@ sleep 1
 run_tsung() { # name port
   local name="$1" port="$2" out="$work/tsung-$1"
   mkdir -p "$out"
-  sed -e "s/@PORT@/$port/" -e "s/@USERS@/$users/g" -e "s/@RATE@/$rate/" -e "s/@DURATION@/$duration/g" \
+  sed -e "s/@PORT@/$port/" -e "s/@USERS@/$users/g" -e "s/@RATE@/$rate/" -e "s/@PHASE@/$((duration * 2))/g" \
     "$here/scenario.xml.in" >"$out/scenario.xml"
   (cd "$out" && HOME="$out" timeout $((duration * 4 + 120)) tsung -f "$out/scenario.xml" -l "$out/log" start >"$out/stdout.log" 2>&1) || true
   local log
@@ -118,13 +119,21 @@ run_tsung() { # name port
     echo "no tsung.log; see $out/stdout.log"
     return
   fi
-  # The last stats dump holds the totals: sessions, logins, errors.
-  awk '/^# stats: dump at/ { block = "" } { block = block $0 "\n" } END { printf "%s", block }' "$log" \
-    | grep -E '^stats: (session|users_count|finish_users_count|connect|tr_login|tr_roster|tr_logout|error_|size_rcv|size_sent)' \
-    | sed 's/^/  /'
+  # Sum the per-interval dumps: for timings (name count mean stddev max min
+  # ...) a count-weighted mean and the overall max; for counters, the last
+  # running total (the last field).
+  awk '
+    $1 == "stats:" && $2 ~ /^(connect|tr_login|tr_roster|tr_logout|session)$/ {
+      n[$2] += $3; s[$2] += $3 * $4; if ($6 > m[$2]) m[$2] = $6; next }
+    $1 == "stats:" && $2 ~ /^(users_count|finish_users_count|connected|size_rcv|size_sent|error_.*)$/ {
+      t[$2] = $NF }
+    END {
+      for (k in n) if (n[k] > 0) printf "  %-20s count %6d  mean %8.2f ms  max %8.2f ms\n", k, n[k], s[k] / n[k], m[k]
+      for (k in t) printf "  %-20s total %6d\n", k, t[k]
+    }' "$log" | sort
 }
 
-echo "SUMMARY tsung: $users users over ${duration}s (STARTTLS, SASL PLAIN, bind, presence, 10 chats, logout); columns after the name: count in the last interval, mean/stddev/max/min (ms) for timings, total count"
+echo "SUMMARY tsung: $users users arriving over ${duration}s (STARTTLS, SASL PLAIN, bind, session, presence, roster, 10 chats, logout)"
 run_tsung through-prg-proxy "$proxy_port"
 run_tsung straight-to-prosody "${ports[0]}"
 echo "SUMMARY tsung: logs in $work"
