@@ -214,6 +214,7 @@ fn main() {
     assert_eq!(count_quick_xml(b), stanzas, "both count the same stanzas");
 
     let mut c = Criterion::default()
+        .without_plots()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))

@@ -526,6 +526,10 @@ fn bench_store<S: Store>(
     rows: &mut Vec<Row>,
     mem: &mut Vec<(&'static str, f64, f64)>,
 ) {
+    // TRACKER_BENCH_ONLY=name runs one store (for quick experiments).
+    if std::env::var("TRACKER_BENCH_ONLY").is_ok_and(|only| only != name) {
+        return;
+    }
     let n = users();
     let (tx, _rx) = tokio::sync::mpsc::channel(1);
     let (live0, rss0) = (alloc::live_bytes(), rss_bytes());
@@ -564,6 +568,7 @@ fn bench_store<S: Store>(
 
 fn main() {
     let mut c = Criterion::default()
+        .without_plots()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(200))
         .measurement_time(Duration::from_millis(800))

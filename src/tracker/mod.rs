@@ -7,9 +7,10 @@
 //! to the node's own sessions, and per-node counters are O(1).
 //!
 //! Every stanza of every user passes here, so the layout is chosen for
-//! speed and size: sharded `RwLock`s over `hashbrown` tables, the user's
-//! first session stored inline with its key, bare JIDs kept inline when
-//! short and hashed case-insensitively without allocating (see [`key`]).
+//! speed and size: sharded `RwLock`s over `hashbrown` tables of small
+//! slots (key, routing and what a read needs; sessions out of line), bare
+//! JIDs kept inline when short and hashed case-insensitively without
+//! allocating (see [`key`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -169,9 +170,11 @@ impl SessionSlot {
     }
 }
 
-/// One user, stored inline in its shard's table: key, routing and the first
-/// session in one place, so that the common lookup (one session per user)
-/// touches one table slot and nothing else.
+/// One user as stored in its shard's table: only what a read needs — key,
+/// routing, session count, availability — so that a slot is 56 bytes and
+/// the table of a million users stays small enough to be mostly cached.
+/// With the sessions inline (176-byte slots) every read was a memory miss;
+/// the sessions now live in [`Cold`], touched by writes and full lookups.
 #[derive(Debug)]
 struct UserSlot {
     /// Cached hash of the key: resizing and probing never rehash the text.
@@ -180,6 +183,17 @@ struct UserSlot {
     bare: SmallStr,
     home: u8,
     serving: u8,
+    /// Whether any session's last presence is available (kept in step by
+    /// every update, so a read need not visit the sessions).
+    available: bool,
+    /// Number of sessions, saturating (kept in step like `available`).
+    count: u16,
+    cold: Box<Cold>,
+}
+
+/// The sessions of a user (and what later issues attach to the user).
+#[derive(Debug)]
+struct Cold {
     /// Never empty while the slot exists.
     first: SessionSlot,
     /// Further sessions (multi-device users); empty costs no allocation.
@@ -189,31 +203,62 @@ struct UserSlot {
 }
 
 impl UserSlot {
+    fn new(hash: u64, bare: &str, home: u8, serving: u8, first: SessionSlot) -> UserSlot {
+        UserSlot {
+            hash,
+            bare: SmallStr::lowercase(bare),
+            home,
+            serving,
+            available: false,
+            count: 1,
+            cold: Box::new(Cold {
+                first,
+                more: Vec::new(),
+                temp: None,
+            }),
+        }
+    }
+
     fn sessions(&self) -> impl Iterator<Item = &SessionSlot> {
-        std::iter::once(&self.first).chain(self.more.iter())
+        std::iter::once(&self.cold.first).chain(self.cold.more.iter())
     }
 
     fn session_mut(&mut self, conn: ConnId) -> Option<&mut SessionSlot> {
-        if self.first.conn == conn {
-            return Some(&mut self.first);
+        let c = &mut *self.cold;
+        if c.first.conn == conn {
+            return Some(&mut c.first);
         }
-        self.more.iter_mut().find(|s| s.conn == conn)
+        c.more.iter_mut().find(|s| s.conn == conn)
     }
 
     fn has(&self, conn: ConnId) -> bool {
         self.sessions().any(|s| s.conn == conn)
     }
 
+    fn push(&mut self, s: SessionSlot) {
+        self.cold.more.push(s);
+        self.refresh();
+    }
+
+    /// Refreshes the cached read fields after the sessions changed.
+    fn refresh(&mut self) {
+        let available = self.sessions().any(|s| s.presence.available);
+        self.available = available;
+        self.count = u16::try_from(1 + self.cold.more.len()).unwrap_or(u16::MAX);
+    }
+
     /// Removes the session of `conn`; returns whether the slot is now empty.
     fn remove(&mut self, conn: ConnId) -> bool {
-        if self.first.conn == conn {
-            match self.more.pop() {
-                Some(s) => self.first = s,
+        let c = &mut *self.cold;
+        if c.first.conn == conn {
+            match c.more.pop() {
+                Some(s) => c.first = s,
                 None => return true,
             }
         } else {
-            self.more.retain(|s| s.conn != conn);
+            c.more.retain(|s| s.conn != conn);
         }
+        self.refresh();
         false
     }
 }
@@ -328,20 +373,12 @@ impl Tracker {
                 Some(u) => {
                     u.home = node_u8(home);
                     u.serving = node_u8(node);
-                    u.more.push(session);
+                    u.push(session);
                 }
                 None => {
                     users.insert_unique(
                         uh,
-                        UserSlot {
-                            hash: uh,
-                            bare: SmallStr::lowercase(bare),
-                            home: node_u8(home),
-                            serving: node_u8(node),
-                            first: session,
-                            more: Vec::new(),
-                            temp: None,
-                        },
+                        UserSlot::new(uh, bare, node_u8(home), node_u8(node), session),
                         |u| u.hash,
                     );
                     self.user_total.0.fetch_add(1, Ordering::Relaxed);
@@ -379,11 +416,11 @@ impl Tracker {
             return;
         };
         let mut users = self.users[shard_of(uh)].0.write();
-        if let Some(s) = users
-            .find_mut(uh, |u| u.hash == uh && u.has(conn))
-            .and_then(|u| u.session_mut(conn))
-        {
-            s.presence = presence;
+        if let Some(u) = users.find_mut(uh, |u| u.hash == uh && u.has(conn)) {
+            if let Some(s) = u.session_mut(conn) {
+                s.presence = presence;
+            }
+            u.refresh();
         }
     }
 
@@ -460,6 +497,7 @@ impl Tracker {
             serving: NodeIndex::from(u.serving),
             sessions: u.sessions().map(SessionSlot::to_public).collect(),
             temp_subscriptions: u
+                .cold
                 .temp
                 .as_deref()
                 .map(<[Arc<str>]>::to_vec)
@@ -472,8 +510,8 @@ impl Tracker {
         self.with_user(jid, |u| Summary {
             home: NodeIndex::from(u.home),
             serving: NodeIndex::from(u.serving),
-            sessions: 1 + u.more.len(),
-            available: u.sessions().any(|s| s.presence.available),
+            sessions: usize::from(u.count),
+            available: u.available,
         })
     }
 
