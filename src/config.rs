@@ -370,10 +370,7 @@ impl Config {
             if a.name == b.name {
                 return Err(ConfigError::new(
                     "nodes[1].name",
-                    format!(
-                        "the two nodes of a group must differ; both are named {:?}",
-                        a.name
-                    ),
+                    format!("the two nodes of a group must differ; both are named {:?}", a.name),
                 ));
             }
             if a.address.is_some() && a.address == b.address {
@@ -518,10 +515,7 @@ impl SrmConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let nz = |key: &str, d: Duration| {
             if d.is_zero() {
-                Err(ConfigError::new(
-                    format!("srm.{key}"),
-                    "must be greater than zero",
-                ))
+                Err(ConfigError::new(format!("srm.{key}"), "must be greater than zero"))
             } else {
                 Ok(())
             }
@@ -542,10 +536,7 @@ impl SrmConfig {
 impl LimitsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.max_connections == 0 {
-            return Err(ConfigError::new(
-                "limits.max_connections",
-                "must be at least 1",
-            ));
+            return Err(ConfigError::new("limits.max_connections", "must be at least 1"));
         }
         if self.max_stanza_bytes < 10_000 {
             return Err(ConfigError::new(
@@ -554,10 +545,7 @@ impl LimitsConfig {
             ));
         }
         if self.read_buffer_bytes < 512 {
-            return Err(ConfigError::new(
-                "limits.read_buffer_bytes",
-                "must be at least 512",
-            ));
+            return Err(ConfigError::new("limits.read_buffer_bytes", "must be at least 512"));
         }
         for (k, d) in [
             ("tls_handshake_timeout", self.tls_handshake_timeout),
@@ -565,10 +553,7 @@ impl LimitsConfig {
             ("upstream_connect_timeout", self.upstream_connect_timeout),
         ] {
             if d.is_zero() {
-                return Err(ConfigError::new(
-                    format!("limits.{k}"),
-                    "must be greater than zero",
-                ));
+                return Err(ConfigError::new(format!("limits.{k}"), "must be greater than zero"));
             }
         }
         Ok(())

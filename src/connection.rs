@@ -130,16 +130,10 @@ impl ClientConnection {
             user = tracing::field::Empty,
         );
         let shared = self.shared.clone();
-        shared
-            .metrics
-            .connections_active
-            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
         let end = self.serve(tcp).instrument(span.clone()).await;
         shared.tracker.on_close(self.id);
-        shared
-            .metrics
-            .connections_active
-            .fetch_sub(1, Ordering::Relaxed);
+        shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
         let _enter = span.enter();
         match end {
             End::Error(ConnError::Node(e)) => warn!(error = %e, "connection closed: node error"),
@@ -150,8 +144,7 @@ impl ClientConnection {
 
     async fn serve(&mut self, tcp: TcpStream) -> End {
         let _ = tcp.set_nodelay(true);
-        self.deadline =
-            Some(tokio::time::Instant::now() + self.shared.config.limits.pre_auth_timeout);
+        self.deadline = Some(tokio::time::Instant::now() + self.shared.config.limits.pre_auth_timeout);
         match self.pre_auth(tcp).await {
             Ok(a) => {
                 self.deadline = None;
@@ -172,41 +165,33 @@ impl ClientConnection {
             acceptor = TlsAcceptor::from(self.shared.tls.direct.clone());
         } else {
             // Plain stream: header, features with STARTTLS required, <starttls/>.
-            let (hdr, _) = self
-                .expect_header(&mut tcp, &mut buf, &mut framer, false)
-                .await?;
+            let (hdr, _) = self.expect_header(&mut tcp, &mut buf, &mut framer, false).await?;
             let domain = self.pick_domain(&mut tcp, &hdr, false).await?;
             let mut out = stream::server_header(&domain, &stream_id());
             out.push_str(stream::features_starttls());
             write(&mut tcp, out.as_bytes()).await?;
-            let (kind, frame) = self
-                .next_frame(&mut tcp, &mut buf, &mut framer, true)
-                .await?;
+            let (kind, frame) = self.next_frame(&mut tcp, &mut buf, &mut framer, true).await?;
             if kind == FrameKind::Close {
                 let _ = tcp.write_all(b"</stream:stream>").await;
                 return Err(End::ClientClosed);
             }
             let f = Frame::name_of(&frame);
             if f != b"starttls" || !peek::contains(&frame, stream::NS_TLS.as_bytes()) {
-                let e =
-                    stream::stream_error("policy-violation", Some("STARTTLS is required"), None);
+                let e = stream::stream_error("policy-violation", Some("STARTTLS is required"), None);
                 let _ = tcp.write_all(e.as_bytes()).await;
                 return Err(End::Error(ConnError::Client("no STARTTLS".into())));
             }
             if !buf.is_empty() {
                 // Bytes pipelined after <starttls/> would be trusted as if
                 // they came over TLS: refuse them (STARTTLS injection).
-                let e =
-                    stream::stream_error("policy-violation", Some("data after <starttls/>"), None);
+                let e = stream::stream_error("policy-violation", Some("data after <starttls/>"), None);
                 let _ = tcp.write_all(e.as_bytes()).await;
                 return Err(End::Error(ConnError::Client("data after starttls".into())));
             }
             write(&mut tcp, stream::PROCEED.as_bytes()).await?;
             acceptor = TlsAcceptor::from(self.shared.tls.starttls.clone());
         }
-        let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp))
-            .await
-        {
+        let tls = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(End::Error(ConnError::Client(format!("TLS handshake: {e}")))),
             Err(_) => return Err(End::Error(ConnError::Timeout("TLS handshake"))),
@@ -216,9 +201,7 @@ impl ClientConnection {
         buf.clear();
 
         // TLS stream: header, SASL features, <auth>.
-        let (hdr, _) = self
-            .expect_header(&mut client, &mut buf, &mut framer, true)
-            .await?;
+        let (hdr, _) = self.expect_header(&mut client, &mut buf, &mut framer, true).await?;
         let domain = self.pick_domain(&mut client, &hdr, true).await?;
         let mechanisms = self.shared.mechanisms();
         let mut out = stream::server_header(&domain, &stream_id());
@@ -234,19 +217,11 @@ impl ClientConnection {
         loop {
             attempts += 1;
             if attempts > MAX_AUTH_ATTEMPTS {
-                let e = stream::stream_error(
-                    "policy-violation",
-                    Some("too many authentication attempts"),
-                    None,
-                );
+                let e = stream::stream_error("policy-violation", Some("too many authentication attempts"), None);
                 let _ = client.write_all(e.as_bytes()).await;
-                return Err(End::Error(ConnError::Client(
-                    "too many auth attempts".into(),
-                )));
+                return Err(End::Error(ConnError::Client("too many auth attempts".into())));
             }
-            let (kind, frame) = self
-                .next_frame(&mut client, &mut buf, &mut framer, true)
-                .await?;
+            let (kind, frame) = self.next_frame(&mut client, &mut buf, &mut framer, true).await?;
             if kind == FrameKind::Close {
                 let _ = client.write_all(b"</stream:stream>").await;
                 return Err(End::ClientClosed);
@@ -279,13 +254,9 @@ impl ClientConnection {
             let mut payload = sasl::decode_payload(
                 std::str::from_utf8(stream::element_text(&auth, head_end)).unwrap_or("!"),
             );
-            if payload == Err(sasl::IdentifyError::NoInitialResponse)
-                && sasl::names_user(&mechanism)
-            {
+            if payload == Err(sasl::IdentifyError::NoInitialResponse) && sasl::names_user(&mechanism) {
                 write(&mut client, stream::EMPTY_CHALLENGE.as_bytes()).await?;
-                let (_, resp) = self
-                    .next_frame(&mut client, &mut buf, &mut framer, true)
-                    .await?;
+                let (_, resp) = self.next_frame(&mut client, &mut buf, &mut framer, true).await?;
                 if Frame::name_of(&resp) != b"response" {
                     let f = stream::sasl_failure("malformed-request", Some("expected <response/>"));
                     write(&mut client, f.as_bytes()).await?;
@@ -341,12 +312,7 @@ impl ClientConnection {
             };
             let upstream = self.shared.upstreams[node_index].clone();
             let mut node = match upstream
-                .open(
-                    &self.shared.dns,
-                    &domain,
-                    max,
-                    limits.upstream_connect_timeout,
-                )
+                .open(&self.shared.dns, &domain, max, limits.upstream_connect_timeout)
                 .await
             {
                 Ok(n) => n,
@@ -362,15 +328,10 @@ impl ClientConnection {
                 }
             };
             if let Err(e) = node.io.write_all(&auth).await {
-                return Err(self
-                    .fail_node(&mut client, format!("forwarding <auth>: {e}"))
-                    .await);
+                return Err(self.fail_node(&mut client, format!("forwarding <auth>: {e}")).await);
             }
             debug!(user = %bare, node = %upstream.name, node.addr = %node.addr, "routed");
-            self.shared
-                .metrics
-                .logins_routed
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.logins_routed.fetch_add(1, Ordering::Relaxed);
             return Ok(Authenticating {
                 client,
                 client_buf: buf,
@@ -398,11 +359,7 @@ impl ClientConnection {
                 let e = format!(
                     "{}{}",
                     stream::server_header(&self.shared.config.group.domains[0], &stream_id()),
-                    stream::stream_error(
-                        "invalid-namespace",
-                        Some("expected an XMPP stream header"),
-                        None
-                    )
+                    stream::stream_error("invalid-namespace", Some("expected an XMPP stream header"), None)
                 );
                 let _ = io.write_all(e.as_bytes()).await;
                 return Err(End::Error(ConnError::Client("bad stream header".into())));
@@ -441,11 +398,7 @@ impl ClientConnection {
                     let e = format!(
                         "{}{}",
                         stream::server_header(&domains[0], &stream_id()),
-                        stream::stream_error(
-                            "host-unknown",
-                            Some("this proxy does not serve that domain"),
-                            None
-                        )
+                        stream::stream_error("host-unknown", Some("this proxy does not serve that domain"), None)
                     );
                     let _ = io.write_all(e.as_bytes()).await;
                     Err(End::Error(ConnError::Client(format!("host-unknown {to}"))))
@@ -501,24 +454,13 @@ impl ClientConnection {
             };
             let mut out = String::new();
             if !header_sent {
-                out.push_str(&stream::server_header(
-                    &self.shared.config.group.domains[0],
-                    &stream_id(),
-                ));
+                out.push_str(&stream::server_header(&self.shared.config.group.domains[0], &stream_id()));
             }
             let end = if stop.is_some() {
-                out.push_str(&stream::stream_error(
-                    "system-shutdown",
-                    Some("the proxy is shutting down; reconnect"),
-                    None,
-                ));
+                out.push_str(&stream::stream_error("system-shutdown", Some("the proxy is shutting down; reconnect"), None));
                 End::Shutdown
             } else {
-                out.push_str(&stream::stream_error(
-                    "connection-timeout",
-                    Some("authentication took too long"),
-                    None,
-                ));
+                out.push_str(&stream::stream_error("connection-timeout", Some("authentication took too long"), None));
                 End::Error(ConnError::Timeout("pre-auth"))
             };
             let _ = io.write_all(out.as_bytes()).await;
@@ -528,11 +470,7 @@ impl ClientConnection {
     }
 
     async fn fail_node(&self, client: &mut BoxStream, what: String) -> End {
-        let e = stream::stream_error(
-            "remote-connection-failed",
-            Some("the user's node closed the connection"),
-            None,
-        );
+        let e = stream::stream_error("remote-connection-failed", Some("the user's node closed the connection"), None);
         let _ = client.write_all(e.as_bytes()).await;
         End::Error(ConnError::Node(what))
     }
@@ -683,10 +621,7 @@ impl ClientToNode {
 
     /// Tracker peek at a client stanza: broadcast presence.
     fn observe(&self, frame: &[u8], f: &Frame) {
-        self.shared
-            .metrics
-            .stanzas_up
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.stanzas_up.fetch_add(1, Ordering::Relaxed);
         if f.name(frame) != b"presence" {
             return;
         }
@@ -758,11 +693,7 @@ impl NodeToClient {
                         warn!(error = %e, "node sent bad XML");
                         let mut c = self.client.lock().await;
                         let _ = c.write_all(&self.buf[..ready]).await;
-                        let x = stream::stream_error(
-                            "internal-server-error",
-                            Some("the node sent invalid XML"),
-                            None,
-                        );
+                        let x = stream::stream_error("internal-server-error", Some("the node sent invalid XML"), None);
                         let _ = c.write_all(x.as_bytes()).await;
                         let _ = c.flush().await;
                         return End::Error(ConnError::Node(e.to_string()));
@@ -840,28 +771,19 @@ impl NodeToClient {
 impl BindWatch {
     /// Tracker peek at a node stanza: the bind result.
     fn observe(&mut self, frame: &[u8], f: &Frame) {
-        self.shared
-            .metrics
-            .stanzas_down
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.stanzas_down.fetch_add(1, Ordering::Relaxed);
         if self.bound || f.name(frame) != b"iq" {
             return;
         }
         let head = &frame[..f.head_end];
-        if peek::attr(head, b"type") != Some(b"result")
-            || !peek::contains(frame, b"urn:ietf:params:xml:ns:xmpp-bind")
-        {
+        if peek::attr(head, b"type") != Some(b"result") || !peek::contains(frame, b"urn:ietf:params:xml:ns:xmpp-bind") {
             return;
         }
         if let Some(jid) = peek::child_text(frame, b"jid") {
             let full = peek::unescape(jid);
-            self.shared.tracker.on_bind(
-                &full,
-                self.home,
-                self.node_index,
-                self.conn,
-                self.control_tx.clone(),
-            );
+            self.shared
+                .tracker
+                .on_bind(&full, self.home, self.node_index, self.conn, self.control_tx.clone());
             self.bound = true;
             debug!(jid = %full, "bound");
         }

@@ -105,12 +105,7 @@ impl Shared {
         let mut common: Option<Vec<String>> = None;
         for u in &self.upstreams {
             match u
-                .open(
-                    &self.dns,
-                    domain,
-                    limits.max_stanza_bytes,
-                    limits.upstream_connect_timeout,
-                )
+                .open(&self.dns, domain, limits.max_stanza_bytes, limits.upstream_connect_timeout)
                 .await
             {
                 Ok(mut s) => {
@@ -293,10 +288,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        shared
-            .metrics
-            .connections_total
-            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let conn = ClientConnection::new(id, peer, direct, shared.clone(), stop.clone());
         tokio::spawn(async move {

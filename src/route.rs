@@ -149,10 +149,7 @@ mod tests {
     fn none_refuses_everyone() {
         let a = Assignment::new(AssignmentMode::None, &names(), HashMap::new());
         let e = a.home("alice@example.com").unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "user alice@example.com is not assigned to a node"
-        );
+        assert_eq!(e.to_string(), "user alice@example.com is not assigned to a node");
     }
 
     #[test]
@@ -171,15 +168,10 @@ mod tests {
             let u = format!("user{i}@example.com");
             assert_eq!(a.home(&u), b.home(&u));
         }
-        let pinned: Vec<_> = [
-            "alice@example.com",
-            "bob@example.com",
-            "carol@example.com",
-            "dave@example.com",
-        ]
-        .iter()
-        .map(|u| a.home(u).unwrap())
-        .collect();
+        let pinned: Vec<_> = ["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com"]
+            .iter()
+            .map(|u| a.home(u).unwrap())
+            .collect();
         assert_eq!(pinned, [0, 0, 0, 1], "rendezvous answer must never change");
     }
 

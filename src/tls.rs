@@ -22,11 +22,7 @@ use crate::config::{ConfigError, TlsConfig};
 pub const ALPN_XMPP_CLIENT: &[u8] = b"xmpp-client";
 
 /// Loads a PEM certificate chain and key into a rustls `CertifiedKey`.
-pub fn load_certified_key(
-    cert: &Path,
-    key: &Path,
-    at: &str,
-) -> Result<Arc<CertifiedKey>, ConfigError> {
+pub fn load_certified_key(cert: &Path, key: &Path, at: &str) -> Result<Arc<CertifiedKey>, ConfigError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| ConfigError::new(format!("{at}.cert"), format!("{}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
@@ -42,12 +38,8 @@ pub fn load_certified_key(
     let signing = rustls::crypto::ring::sign::any_supported_type(&key_der)
         .map_err(|e| ConfigError::new(format!("{at}.key"), format!("{}: {e}", key.display())))?;
     let ck = CertifiedKey::new(chain, signing);
-    ck.keys_match().map_err(|e| {
-        ConfigError::new(
-            format!("{at}.key"),
-            format!("key does not match the certificate: {e}"),
-        )
-    })?;
+    ck.keys_match()
+        .map_err(|e| ConfigError::new(format!("{at}.key"), format!("key does not match the certificate: {e}")))?;
     Ok(Arc::new(ck))
 }
 

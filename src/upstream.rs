@@ -153,14 +153,7 @@ impl Dns {
             .map_err(|e| e.to_string())?;
         let mut records: Vec<_> = answer
             .iter()
-            .map(|r| {
-                (
-                    r.priority(),
-                    std::cmp::Reverse(r.weight()),
-                    r.port(),
-                    r.target().to_ascii(),
-                )
-            })
+            .map(|r| (r.priority(), std::cmp::Reverse(r.weight()), r.port(), r.target().to_ascii()))
             .collect();
         records.sort();
         let mut out = Vec::new();
@@ -303,23 +296,17 @@ impl Upstream {
         let (io, header, features): (BoxStream, _, _) = match self.tls {
             UpstreamTls::None => {
                 let mut tcp = tcp;
-                let (h, f) = self
-                    .stream_open(&mut tcp, &mut buf, &mut framer, domain)
-                    .await?;
+                let (h, f) = self.stream_open(&mut tcp, &mut buf, &mut framer, domain).await?;
                 (Box::new(tcp), h, f)
             }
             UpstreamTls::Direct => {
                 let mut tls = self.tls_handshake(tcp).await?;
-                let (h, f) = self
-                    .stream_open(&mut tls, &mut buf, &mut framer, domain)
-                    .await?;
+                let (h, f) = self.stream_open(&mut tls, &mut buf, &mut framer, domain).await?;
                 (Box::new(tls), h, f)
             }
             UpstreamTls::Starttls => {
                 let mut tcp = tcp;
-                let (_, f) = self
-                    .stream_open(&mut tcp, &mut buf, &mut framer, domain)
-                    .await?;
+                let (_, f) = self.stream_open(&mut tcp, &mut buf, &mut framer, domain).await?;
                 if !f.starttls {
                     return Err(self.protocol("STARTTLS configured but not offered"));
                 }
@@ -337,9 +324,7 @@ impl Upstream {
                 }
                 let mut tls = self.tls_handshake(tcp).await?;
                 framer.reset();
-                let (h, f) = self
-                    .stream_open(&mut tls, &mut buf, &mut framer, domain)
-                    .await?;
+                let (h, f) = self.stream_open(&mut tls, &mut buf, &mut framer, domain).await?;
                 (Box::new(tls), h, f)
             }
         };
@@ -362,13 +347,10 @@ impl Upstream {
             .ok_or_else(|| self.protocol("TLS without roots"))?;
         let name = rustls::pki_types::ServerName::try_from(self.server_name.clone())
             .map_err(|e| self.protocol(&format!("bad TLS server name: {e}")))?;
-        connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| UpstreamError::Tls {
-                node: self.name.clone(),
-                source: e,
-            })
+        connector.connect(name, tcp).await.map_err(|e| UpstreamError::Tls {
+            node: self.name.clone(),
+            source: e,
+        })
     }
 
     async fn stream_open<S: AsyncRead + AsyncWrite + Unpin>(
@@ -381,16 +363,12 @@ impl Upstream {
         io.write_all(stream::client_header(domain, None).as_bytes())
             .await
             .map_err(|e| self.protocol(&format!("write: {e}")))?;
-        let (kind, frame) = read_frame(io, buf, framer)
-            .await
-            .map_err(|e| self.protocol(&e))?;
+        let (kind, frame) = read_frame(io, buf, framer).await.map_err(|e| self.protocol(&e))?;
         if kind != FrameKind::Header {
             return Err(self.protocol("expected a stream header"));
         }
         let header = stream::parse_header(&frame).map_err(|e| self.protocol(&e.to_string()))?;
-        let (kind, frame) = read_frame(io, buf, framer)
-            .await
-            .map_err(|e| self.protocol(&e))?;
+        let (kind, frame) = read_frame(io, buf, framer).await.map_err(|e| self.protocol(&e))?;
         if kind != FrameKind::Stanza || !frame.starts_with(b"<stream:features") {
             return Err(self.protocol("expected <stream:features>"));
         }

@@ -20,15 +20,8 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
     assert_eq!(g.pair.nodes[0].session_count(), 1, "alice is on imp1");
     assert_eq!(g.pair.nodes[1].session_count(), 1, "dave is on imp2");
 
-    assert!(alice
-        .roster()
-        .await
-        .unwrap()
-        .contains(&"dave@example.com".to_string()));
-    alice
-        .send_presence(Some("dnd"), Some("In a meeting"))
-        .await
-        .unwrap();
+    assert!(alice.roster().await.unwrap().contains(&"dave@example.com".to_string()));
+    alice.send_presence(Some("dnd"), Some("In a meeting")).await.unwrap();
     dave.send_presence(None, Some("around")).await.unwrap();
 
     let p = dave
@@ -71,9 +64,7 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
 #[tokio::test]
 async fn direct_tls_login_and_ping() {
     let g = TestGroup::start().await;
-    let mut c = SimClient::connect(g.direct, DOMAIN, g.direct_tls())
-        .await
-        .unwrap();
+    let mut c = SimClient::connect(g.direct, DOMAIN, g.direct_tls()).await.unwrap();
     c.login("bob", "pw", "SCRAM-SHA-1").await.unwrap();
     let jid = c.bind("laptop").await.unwrap();
     assert_eq!(jid, "bob@example.com/laptop");
@@ -90,15 +81,9 @@ async fn plus_mechanisms_are_never_offered() {
         ]
     })
     .await;
-    let c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls())
-        .await
-        .unwrap();
+    let c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls()).await.unwrap();
     let m = c.mechanisms();
-    assert_eq!(
-        m,
-        ["SCRAM-SHA-1", "PLAIN"],
-        "learned from the nodes, minus -PLUS"
-    );
+    assert_eq!(m, ["SCRAM-SHA-1", "PLAIN"], "learned from the nodes, minus -PLUS");
     assert!(c.features_raw().contains("<max-bytes>262144</max-bytes>"));
     assert!(!c.features_raw().contains("PLUS"));
 }
@@ -106,9 +91,7 @@ async fn plus_mechanisms_are_never_offered() {
 #[tokio::test]
 async fn wrong_password_is_the_nodes_answer() {
     let g = TestGroup::start().await;
-    let mut c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls())
-        .await
-        .unwrap();
+    let mut c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls()).await.unwrap();
     match c.login("alice", "wrong", "SCRAM-SHA-1").await {
         Err(ClientError::SaslFailure { condition, .. }) => assert_eq!(condition, "not-authorized"),
         other => panic!("expected a SASL failure, got {other:?}"),
@@ -139,14 +122,8 @@ async fn doctype_gets_restricted_xml_and_others_are_still_served() {
     let mut raw = tokio::net::TcpStream::connect(g.starttls).await.unwrap();
     raw.write_all(b"<?xml version='1.0'?><!DOCTYPE stream [<!ENTITY x 'y'>]><stream:stream to='example.com' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>").await.unwrap();
     let got = read_to_close(&mut raw).await;
-    assert!(
-        got.contains("<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"),
-        "{got}"
-    );
-    assert!(
-        got.contains("<stream:stream"),
-        "a stream header comes before the error: {got}"
-    );
+    assert!(got.contains("<restricted-xml xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"), "{got}");
+    assert!(got.contains("<stream:stream"), "a stream header comes before the error: {got}");
 
     // After login, a stanza with a comment.
     let mut alice = g.login("alice", "PLAIN", "a").await;
@@ -157,9 +134,7 @@ async fn doctype_gets_restricted_xml_and_others_are_still_served() {
     expect_stream_error(alice.recv(T).await, "restricted-xml");
     // A non-predefined entity.
     let mut bob = g.login("bob", "PLAIN", "b").await;
-    bob.send_raw("<message to='alice@example.com'><body>&xxe;</body></message>")
-        .await
-        .unwrap();
+    bob.send_raw("<message to='alice@example.com'><body>&xxe;</body></message>").await.unwrap();
     expect_stream_error(bob.recv(T).await, "restricted-xml");
 
     // Others are still served.
@@ -182,10 +157,7 @@ async fn oversize_stanza_gets_policy_violation_and_others_are_still_served() {
     // bob never saw it, and can still talk.
     bob.ping().await.unwrap();
     let mut carol = g.login("carol", "PLAIN", "c").await;
-    carol
-        .send_message("bob@example.com/b", "still here")
-        .await
-        .unwrap();
+    carol.send_message("bob@example.com/b", "still here").await.unwrap();
     let m = bob.wait_for(T, |s| s.name == "message").await.unwrap();
     assert_eq!(m.body().as_deref(), Some("still here"));
 }
@@ -194,19 +166,14 @@ async fn oversize_stanza_gets_policy_violation_and_others_are_still_served() {
 async fn malformed_xml_gets_not_well_formed() {
     let g = TestGroup::start().await;
     let mut alice = g.login("alice", "PLAIN", "a").await;
-    alice
-        .send_raw("<message><body>oops</message>")
-        .await
-        .unwrap();
+    alice.send_raw("<message><body>oops</message>").await.unwrap();
     expect_stream_error(alice.recv(T).await, "not-well-formed");
 }
 
 #[tokio::test]
 async fn assignment_none_refuses_with_a_clear_text() {
     let g = TestGroup::start_with("none", "", |_| {}).await;
-    let mut c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls())
-        .await
-        .unwrap();
+    let mut c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls()).await.unwrap();
     match c.login("alice", "pw", "PLAIN").await {
         Err(ClientError::SaslFailure { condition, text }) => {
             assert_eq!(condition, "not-authorized");
@@ -217,10 +184,7 @@ async fn assignment_none_refuses_with_a_clear_text() {
         }
         other => panic!("expected not-authorized, got {other:?}"),
     }
-    assert_eq!(
-        g.pair.nodes[0].logins_total() + g.pair.nodes[1].logins_total(),
-        0
-    );
+    assert_eq!(g.pair.nodes[0].logins_total() + g.pair.nodes[1].logins_total(), 0);
 }
 
 #[tokio::test]
@@ -241,19 +205,11 @@ async fn assignment_file_overrides_balanced_homes() {
     let _ = extra;
     let mut g = TestGroup::start_with("balanced", "", |_| {}).await;
     // Same group, with the override applied through the config file.
-    let text = config_text(
-        &[g.pair.nodes[0].addr(), g.pair.nodes[1].addr()],
-        "balanced",
-        &g.certs,
-        "",
-    )
-    .replace(
-        "domains = [\"example.com\"]",
-        &format!(
-            "domains = [\"example.com\"]\nassignment_file = \"{}\"",
-            f.display()
-        ),
-    );
+    let text = config_text(&[g.pair.nodes[0].addr(), g.pair.nodes[1].addr()], "balanced", &g.certs, "")
+        .replace(
+            "domains = [\"example.com\"]",
+            &format!("domains = [\"example.com\"]\nassignment_file = \"{}\"", f.display()),
+        );
     let cfg = prg_proxy::Config::parse(&text).unwrap();
     let proxy = prg_proxy::Proxy::bind(cfg).await.unwrap();
     assert_eq!(proxy.shared().assignment.home("alice@example.com"), Ok(1));
@@ -265,14 +221,9 @@ async fn assignment_file_overrides_balanced_homes() {
 #[tokio::test]
 async fn stream_from_identifies_the_user() {
     let g = TestGroup::start().await;
-    let mut c = SimClient::connect_with(
-        g.starttls,
-        DOMAIN,
-        g.starttls_tls(),
-        Some("dave@example.com"),
-    )
-    .await
-    .unwrap();
+    let mut c = SimClient::connect_with(g.starttls, DOMAIN, g.starttls_tls(), Some("dave@example.com"))
+        .await
+        .unwrap();
     c.login("dave", "pw", "SCRAM-SHA-1").await.unwrap();
     c.bind("x").await.unwrap();
     assert_eq!(g.pair.nodes[1].session_count(), 1, "dave's home is imp2");
@@ -299,12 +250,7 @@ async fn auth_before_starttls_is_refused() {
 
 #[tokio::test]
 async fn pre_auth_timeout_closes_idle_connections() {
-    let g = TestGroup::start_with(
-        "balanced",
-        "[limits]\npre_auth_timeout = \"300ms\"\n",
-        |_| {},
-    )
-    .await;
+    let g = TestGroup::start_with("balanced", "[limits]\npre_auth_timeout = \"300ms\"\n", |_| {}).await;
     let mut raw = tokio::net::TcpStream::connect(g.starttls).await.unwrap();
     let got = read_to_close(&mut raw).await;
     assert!(got.contains("<connection-timeout"), "{got}");
@@ -322,10 +268,7 @@ async fn shutdown_sends_system_shutdown_to_every_client() {
     expect_stream_error(alice.recv(T).await, "system-shutdown");
     expect_stream_error(dave.recv(T).await, "system-shutdown");
     let got = read_to_close(&mut raw).await;
-    assert!(
-        got.contains("<system-shutdown"),
-        "pre-auth clients too: {got}"
-    );
+    assert!(got.contains("<system-shutdown"), "pre-auth clients too: {got}");
     // No new connections.
     assert!(tokio::net::TcpStream::connect(g.starttls).await.is_err());
 }

@@ -119,9 +119,7 @@ pub fn unescape_saslname(s: &str) -> Result<String, IdentifyError> {
     let mut rest = s;
     while let Some(k) = rest.find('=') {
         out.push_str(&rest[..k]);
-        let esc = rest
-            .get(k..k + 3)
-            .ok_or(IdentifyError::Malformed("SCRAM"))?;
+        let esc = rest.get(k..k + 3).ok_or(IdentifyError::Malformed("SCRAM"))?;
         match esc {
             "=2C" => out.push(','),
             "=3D" => out.push('='),
@@ -144,20 +142,11 @@ mod tests {
     #[test]
     fn plain() {
         let r = decode_payload(&b64(b"\0alice\0secret")).unwrap();
-        assert_eq!(
-            identify("PLAIN", &r, "example.com").unwrap(),
-            "alice@example.com"
-        );
+        assert_eq!(identify("PLAIN", &r, "example.com").unwrap(), "alice@example.com");
         let r = decode_payload(&b64(b"\0Alice@Other.Example\0secret")).unwrap();
-        assert_eq!(
-            identify("PLAIN", &r, "example.com").unwrap(),
-            "alice@other.example"
-        );
+        assert_eq!(identify("PLAIN", &r, "example.com").unwrap(), "alice@other.example");
         let r = decode_payload(&b64(b"admin@example.com\0alice\0pw")).unwrap();
-        assert_eq!(
-            identify("PLAIN", &r, "example.com").unwrap(),
-            "admin@example.com"
-        );
+        assert_eq!(identify("PLAIN", &r, "example.com").unwrap(), "admin@example.com");
         for bad in [&b"alice"[..], b"\0\0pw", b"\0alice"] {
             let r = decode_payload(&b64(bad)).unwrap();
             assert!(identify("PLAIN", &r, "example.com").is_err(), "{bad:?}");
@@ -183,22 +172,10 @@ mod tests {
             ("p=tls-exporter,,n=u,r=x", "u@example.com"),
         ];
         for (msg, want) in cases {
-            assert_eq!(
-                identify("SCRAM-SHA-256", msg.as_bytes(), "example.com").unwrap(),
-                want
-            );
+            assert_eq!(identify("SCRAM-SHA-256", msg.as_bytes(), "example.com").unwrap(), want);
         }
-        for bad in [
-            "n,,n=a=2Xb,r=x",
-            "x,,n=u,r=x",
-            "n,,r=x",
-            "n,,n=,r=x",
-            "n,b,n=u",
-        ] {
-            assert!(
-                identify("SCRAM-SHA-1", bad.as_bytes(), "example.com").is_err(),
-                "{bad}"
-            );
+        for bad in ["n,,n=a=2Xb,r=x", "x,,n=u,r=x", "n,,r=x", "n,,n=,r=x", "n,b,n=u"] {
+            assert!(identify("SCRAM-SHA-1", bad.as_bytes(), "example.com").is_err(), "{bad}");
         }
     }
 

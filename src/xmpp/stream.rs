@@ -147,8 +147,7 @@ pub fn features_sasl(mechanisms: &[String], max_bytes: usize, hostname: Option<&
 pub const PROCEED: &str = "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
 
 /// An empty SASL challenge, asking for the initial response.
-pub const EMPTY_CHALLENGE: &str =
-    "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>=</challenge>";
+pub const EMPTY_CHALLENGE: &str = "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>=</challenge>";
 
 /// A stream error (closing the stream). `app` is an optional
 /// application-specific condition element, already serialised.
@@ -271,8 +270,7 @@ mod tests {
             parse_header(b"<stream:stream xmlns:stream='wrong' version='1.0'>"),
             Err(HeaderError::NotAStream)
         );
-        let old = parse_header(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'>")
-            .unwrap();
+        let old = parse_header(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'>").unwrap();
         assert!(!old.version_ok());
     }
 
@@ -305,9 +303,7 @@ mod tests {
         assert!(e.contains("a &lt; b &amp; c"));
         assert!(e.ends_with("</stream:error></stream:stream>"));
         let f = sasl_failure("not-authorized", Some("user x is not assigned to a node"));
-        assert!(
-            f.starts_with("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/>")
-        );
+        assert!(f.starts_with("<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/>"));
     }
 
     #[test]

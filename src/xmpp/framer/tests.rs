@@ -73,20 +73,11 @@ fn captures_frame_into_the_same_bytes() {
         let joined: Vec<u8> = frames.iter().flat_map(|(_, b)| b.clone()).collect();
         assert_eq!(joined, input, "{name}: frames are the input, byte for byte");
         // Two stream headers (before and after SASL) and one close each.
-        let headers = frames
-            .iter()
-            .filter(|(k, _)| *k == FrameKind::Header)
-            .count();
+        let headers = frames.iter().filter(|(k, _)| *k == FrameKind::Header).count();
         assert_eq!(headers, 2, "{name}");
-        let closes = frames
-            .iter()
-            .filter(|(k, _)| *k == FrameKind::Close)
-            .count();
+        let closes = frames.iter().filter(|(k, _)| *k == FrameKind::Close).count();
         assert_eq!(closes, 1, "{name}");
-        let stanzas = frames
-            .iter()
-            .filter(|(k, _)| *k == FrameKind::Stanza)
-            .count();
+        let stanzas = frames.iter().filter(|(k, _)| *k == FrameKind::Stanza).count();
         assert!(stanzas > 10, "{name}: {stanzas} stanzas");
     }
 }
@@ -206,10 +197,7 @@ fn malformed_xml_is_refused() {
     let mut bad = stream("<message><body>");
     bad.extend_from_slice(&[0xff, 0xfe]);
     bad.extend_from_slice(b"</body></message>");
-    assert!(matches!(
-        first_error(&bad, 1000),
-        FrameError::NotWellFormed(_)
-    ));
+    assert!(matches!(first_error(&bad, 1000), FrameError::NotWellFormed(_)));
     // A stanza before any stream header.
     assert!(matches!(
         first_error(b"<message/>", 1000),
@@ -227,16 +215,10 @@ fn oversize_stanza_is_refused_without_waiting_for_its_end() {
     assert_eq!(f.next(rest), Err(FrameError::TooLarge { limit: 10_000 }));
     // Exactly at the limit is fine.
     let body = "<message/>";
-    let exact = format!(
-        "<message><body>{}</body></message>",
-        "y".repeat(10_000 - 32)
-    );
+    let exact = format!("<message><body>{}</body></message>", "y".repeat(10_000 - 32));
     assert_eq!(exact.len(), 10_000);
     let mut f = Framer::new(10_000);
-    assert_eq!(
-        f.next(exact.as_bytes()),
-        Err(FrameError::NotWellFormed("expected a stream header"))
-    );
+    assert_eq!(f.next(exact.as_bytes()), Err(FrameError::NotWellFormed("expected a stream header")));
     let input = stream(&format!("{exact}{body}"));
     let frames = frame_all(&input, 10_000).unwrap();
     assert_eq!(frames[1].1.len(), 10_000);
@@ -268,19 +250,10 @@ fn whitespace_keepalives_and_stream_close() {
 #[test]
 fn stream_restart_is_a_new_header() {
     let input = stream(&format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>{HDR}<iq type='set' id='1'/>"));
-    let kinds: Vec<_> = frame_all(&input, 1000)
-        .unwrap()
-        .into_iter()
-        .map(|f| f.0)
-        .collect();
+    let kinds: Vec<_> = frame_all(&input, 1000).unwrap().into_iter().map(|f| f.0).collect();
     assert_eq!(
         kinds,
-        [
-            FrameKind::Header,
-            FrameKind::Stanza,
-            FrameKind::Header,
-            FrameKind::Stanza
-        ]
+        [FrameKind::Header, FrameKind::Stanza, FrameKind::Header, FrameKind::Stanza]
     );
 }
 
