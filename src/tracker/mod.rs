@@ -5,16 +5,26 @@
 //! presence from the client); the group controller reads `sessions_on(node)`
 //! to know whom a failover moves. A per-node index keeps that proportional
 //! to the node's own sessions, and per-node counters are O(1).
+//!
+//! Every stanza of every user passes here, so the layout is chosen for
+//! speed and size: sharded `RwLock`s over `hashbrown` tables of small
+//! slots (key, routing and what a read needs; sessions out of line), bare
+//! JIDs kept inline when short and hashed case-insensitively without
+//! allocating (see [`key`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use dashmap::DashMap;
+use hashbrown::HashTable;
+use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::route::NodeIndex;
+
+mod key;
+use key::SmallStr;
 
 /// Identifies one client connection for the proxy's lifetime.
 pub type ConnId = u64;
@@ -92,30 +102,247 @@ pub struct Session {
     pub presence: Presence,
 }
 
-/// Everything tracked for one bare JID.
+/// Everything tracked for one bare JID (a copy, see [`Tracker::lookup`]).
 #[derive(Debug, Clone)]
 pub struct User {
     /// The user's assigned node.
     pub home: NodeIndex,
+    /// The node that serves the user now (where the latest session bound).
+    pub serving: NodeIndex,
     /// The sessions, one per bound resource.
     pub sessions: Vec<Session>,
+    /// Temporary-presence subscriptions this user holds as a watcher (the
+    /// targets' bare JIDs); filled by the temp-presence registry.
+    pub temp_subscriptions: Vec<Arc<str>>,
+}
+
+/// What most readers need about a user, without copying the sessions:
+/// routing and the failover planner ask "is this user on, and where".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// The user's assigned node.
+    pub home: NodeIndex,
+    /// The node that serves the user now.
+    pub serving: NodeIndex,
+    /// Number of bound sessions (at least 1: users without any are gone).
+    pub sessions: usize,
+    /// Whether any session has sent available presence.
+    pub available: bool,
+}
+
+/// Shards per map: a power of two well above the core count, so that two
+/// writers rarely meet on one lock and a shard's table stays small enough
+/// to resize without a visible pause.
+const SHARDS: usize = 64;
+
+/// Nodes in a redundancy group (the source allows one or two).
+const NODES: usize = 2;
+
+/// Keeps a lock (and the table header beside it) on its own cache lines so
+/// that threads working on neighbouring shards do not invalidate each
+/// other's lines (128 bytes: adjacent-line prefetch pairs lines on x86).
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+/// One bound session as stored: the public [`Session`] without the node
+/// being a `usize` and with nothing the user slot already holds.
+#[derive(Debug)]
+struct SessionSlot {
+    full_jid: Arc<str>,
+    conn: ConnId,
+    handle: ConnHandle,
+    bound_at: Instant,
+    presence: Presence,
+    node: u8,
+}
+
+impl SessionSlot {
+    fn to_public(&self) -> Session {
+        Session {
+            full_jid: self.full_jid.clone(),
+            node: NodeIndex::from(self.node),
+            conn: self.conn,
+            handle: self.handle.clone(),
+            bound_at: self.bound_at,
+            presence: self.presence,
+        }
+    }
+}
+
+/// One user as stored in its shard's table: only what a read needs — key,
+/// routing, session count, availability — so that a slot is 56 bytes and
+/// the table of a million users stays small enough to be mostly cached.
+/// With the sessions inline (176-byte slots) every read was a memory miss;
+/// the sessions now live in [`Cold`], touched by writes and full lookups.
+#[derive(Debug)]
+struct UserSlot {
+    /// Cached hash of the key: resizing and probing never rehash the text.
+    hash: u64,
+    /// Lower-cased bare JID.
+    bare: SmallStr,
+    home: u8,
+    serving: u8,
+    /// Whether any session's last presence is available (kept in step by
+    /// every update, so a read need not visit the sessions).
+    available: bool,
+    /// Number of sessions, saturating (kept in step like `available`).
+    count: u16,
+    cold: Box<Cold>,
+}
+
+/// The sessions of a user (and what later issues attach to the user).
+#[derive(Debug)]
+struct Cold {
+    /// Never empty while the slot exists.
+    first: SessionSlot,
+    /// Further sessions (multi-device users); empty costs no allocation.
+    more: Vec<SessionSlot>,
+    /// Temp-presence placeholder; boxed because almost nobody has any.
+    temp: Option<Box<[Arc<str>]>>,
+}
+
+impl UserSlot {
+    fn new(hash: u64, bare: &str, home: u8, serving: u8, first: SessionSlot) -> UserSlot {
+        UserSlot {
+            hash,
+            bare: SmallStr::lowercase(bare),
+            home,
+            serving,
+            available: false,
+            count: 1,
+            cold: Box::new(Cold {
+                first,
+                more: Vec::new(),
+                temp: None,
+            }),
+        }
+    }
+
+    fn sessions(&self) -> impl Iterator<Item = &SessionSlot> {
+        std::iter::once(&self.cold.first).chain(self.cold.more.iter())
+    }
+
+    fn session_mut(&mut self, conn: ConnId) -> Option<&mut SessionSlot> {
+        let c = &mut *self.cold;
+        if c.first.conn == conn {
+            return Some(&mut c.first);
+        }
+        c.more.iter_mut().find(|s| s.conn == conn)
+    }
+
+    fn has(&self, conn: ConnId) -> bool {
+        self.sessions().any(|s| s.conn == conn)
+    }
+
+    fn push(&mut self, s: SessionSlot) {
+        self.cold.more.push(s);
+        self.refresh();
+    }
+
+    /// Refreshes the cached read fields after the sessions changed.
+    fn refresh(&mut self) {
+        let available = self.sessions().any(|s| s.presence.available);
+        self.available = available;
+        self.count = u16::try_from(1 + self.cold.more.len()).unwrap_or(u16::MAX);
+    }
+
+    /// Removes the session of `conn`; returns whether the slot is now empty.
+    fn remove(&mut self, conn: ConnId) -> bool {
+        let c = &mut *self.cold;
+        if c.first.conn == conn {
+            match c.more.pop() {
+                Some(s) => c.first = s,
+                None => return true,
+            }
+        } else {
+            c.more.retain(|s| s.conn != conn);
+        }
+        self.refresh();
+        false
+    }
+}
+
+/// Where a connection's session is: enough to find its user slot again
+/// (by hash, then by connection) without storing the key twice.
+#[derive(Debug)]
+struct ConnSlot {
+    conn: ConnId,
+    user_hash: u64,
+    node: u8,
+    full_jid: Arc<str>,
+}
+
+/// A shard of the connection index: connection → session, and per node the
+/// connections bound there, under one lock so a bind or close takes it once.
+#[derive(Default)]
+struct ConnShard {
+    by_conn: HashTable<ConnSlot>,
+    on_node: [HashTable<ConnId>; NODES],
 }
 
 /// The session tracker.
-#[derive(Debug, Default)]
+///
+/// Two sharded maps: users by bare JID (holding the sessions) and
+/// connections by id (pointing back at the user, plus the per-node index).
+/// Shards are `parking_lot::RwLock`s over `hashbrown` tables; see
+/// `benches/README.md` for the numbers that chose this over `DashMap`.
 pub struct Tracker {
-    users: DashMap<Arc<str>, User>,
-    /// Connection → (bare JID, node): to find a session from the relay.
-    by_conn: DashMap<ConnId, (Arc<str>, NodeIndex)>,
-    /// Per-node index of connections with a bound session.
-    per_node: [DashMap<ConnId, Arc<str>>; 2],
-    counts: [AtomicUsize; 2],
+    /// Keys the hashes (random per tracker).
+    seed: u64,
+    users: Box<[Padded<RwLock<HashTable<UserSlot>>>]>,
+    conns: Box<[Padded<RwLock<ConnShard>>]>,
+    /// Sessions per node, O(1) to read.
+    counts: [Padded<AtomicUsize>; NODES],
+    /// Users with at least one session.
+    user_total: Padded<AtomicUsize>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("users", &self.user_count())
+            .field("on_node", &[self.count_on(0), self.count_on(1)])
+            .finish()
+    }
+}
+
+/// Picks a shard from hash bits that hashbrown does not use inside the
+/// shard (it takes the low bits for the bucket and the top seven as tag).
+#[inline]
+fn shard_of(hash: u64) -> usize {
+    (hash >> 40) as usize & (SHARDS - 1)
+}
+
+fn node_u8(node: NodeIndex) -> u8 {
+    u8::try_from(node).unwrap_or(u8::MAX)
 }
 
 impl Tracker {
     /// An empty tracker.
     pub fn new() -> Self {
-        Self::default()
+        Tracker {
+            seed: rand::random(),
+            users: (0..SHARDS).map(|_| Padded::default()).collect(),
+            conns: (0..SHARDS).map(|_| Padded::default()).collect(),
+            counts: Default::default(),
+            user_total: Padded::default(),
+        }
+    }
+
+    fn user_hash(&self, bare: &str) -> u64 {
+        key::hash_folded(self.seed, bare.as_bytes())
+    }
+
+    fn conn_shard(&self, conn: ConnId) -> (u64, &RwLock<ConnShard>) {
+        let h = key::hash_conn(self.seed, conn);
+        (h, &self.conns[shard_of(h)].0)
     }
 
     /// A resource was bound: `full_jid` on `node` over connection `conn`.
@@ -127,97 +354,182 @@ impl Tracker {
         conn: ConnId,
         handle: ConnHandle,
     ) {
-        let bare: Arc<str> = Arc::from(bare_of(full_jid).to_ascii_lowercase());
-        let full: Arc<str> = Arc::from(full_jid);
         // A connection binds one resource; a second bind replaces it.
         self.on_close(conn);
-        let session = Session {
+        let bare = bare_of(full_jid);
+        let uh = self.user_hash(bare);
+        let full: Arc<str> = Arc::from(full_jid);
+        let session = SessionSlot {
             full_jid: full.clone(),
-            node,
             conn,
             handle,
             bound_at: Instant::now(),
             presence: Presence::default(),
+            node: node_u8(node),
         };
-        self.users
-            .entry(bare.clone())
-            .and_modify(|u| {
-                u.home = home;
-                u.sessions.push(session.clone());
-            })
-            .or_insert_with(|| User {
-                home,
-                sessions: vec![session],
-            });
-        self.by_conn.insert(conn, (bare, node));
-        if let Some(idx) = self.per_node.get(node) {
-            idx.insert(conn, full);
-            self.counts[node].fetch_add(1, Ordering::Relaxed);
+        {
+            let mut users = self.users[shard_of(uh)].0.write();
+            match users.find_mut(uh, |u| u.hash == uh && u.bare.matches(bare.as_bytes())) {
+                Some(u) => {
+                    u.home = node_u8(home);
+                    u.serving = node_u8(node);
+                    u.push(session);
+                }
+                None => {
+                    users.insert_unique(
+                        uh,
+                        UserSlot::new(uh, bare, node_u8(home), node_u8(node), session),
+                        |u| u.hash,
+                    );
+                    self.user_total.0.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
+        let (ch, shard) = self.conn_shard(conn);
+        let mut cs = shard.write();
+        cs.by_conn.insert_unique(
+            ch,
+            ConnSlot {
+                conn,
+                user_hash: uh,
+                node: node_u8(node),
+                full_jid: full,
+            },
+            |c| key::hash_conn(self.seed, c.conn),
+        );
+        if let Some(idx) = cs.on_node.get_mut(node) {
+            idx.insert_unique(ch, conn, |c| key::hash_conn(self.seed, *c));
+            self.counts[node].0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The bare JID's hash of the session on `conn`, if bound.
+    fn user_hash_of(&self, conn: ConnId) -> Option<u64> {
+        let (ch, shard) = self.conn_shard(conn);
+        let cs = shard.read();
+        cs.by_conn.find(ch, |c| c.conn == conn).map(|c| c.user_hash)
     }
 
     /// The client on `conn` sent broadcast presence.
     pub fn on_presence(&self, conn: ConnId, presence: Presence) {
-        let Some(bare) = self.by_conn.get(&conn).map(|e| e.0.clone()) else {
+        let Some(uh) = self.user_hash_of(conn) else {
             return;
         };
-        if let Some(mut u) = self.users.get_mut(&bare) {
-            if let Some(s) = u.sessions.iter_mut().find(|s| s.conn == conn) {
+        let mut users = self.users[shard_of(uh)].0.write();
+        if let Some(u) = users.find_mut(uh, |u| u.hash == uh && u.has(conn)) {
+            if let Some(s) = u.session_mut(conn) {
                 s.presence = presence;
             }
+            u.refresh();
         }
     }
 
     /// The connection ended: its session (if any) is gone.
     pub fn on_close(&self, conn: ConnId) {
-        let Some((_, (bare, node))) = self.by_conn.remove(&conn) else {
-            return;
+        let (ch, shard) = self.conn_shard(conn);
+        let slot = {
+            let mut cs = shard.write();
+            let Ok(e) = cs.by_conn.find_entry(ch, |c| c.conn == conn) else {
+                return;
+            };
+            let (slot, _) = e.remove();
+            let node = usize::from(slot.node);
+            if let Some(idx) = cs.on_node.get_mut(node) {
+                if let Ok(e) = idx.find_entry(ch, |c| *c == conn) {
+                    e.remove();
+                    self.counts[node].0.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            slot
         };
-        if let Some(idx) = self.per_node.get(node) {
-            if idx.remove(&conn).is_some() {
-                self.counts[node].fetch_sub(1, Ordering::Relaxed);
+        let uh = slot.user_hash;
+        let mut users = self.users[shard_of(uh)].0.write();
+        if let Ok(mut e) = users.find_entry(uh, |u| u.hash == uh && u.has(conn)) {
+            if e.get_mut().remove(conn) {
+                e.remove();
+                self.user_total.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.users.remove_if_mut(&bare, |_, u| {
-            u.sessions.retain(|s| s.conn != conn);
-            u.sessions.is_empty()
-        });
     }
 
-    /// Every session bound on `node`, as (connection, full JID).
+    /// Every session bound on `node`, as (connection, full JID). Visits only
+    /// that node's index: time proportional to the node's own sessions.
     pub fn sessions_on(&self, node: NodeIndex) -> Vec<(ConnId, Arc<str>)> {
-        match self.per_node.get(node) {
-            Some(idx) => idx.iter().map(|e| (*e.key(), e.value().clone())).collect(),
-            None => Vec::new(),
+        if node >= NODES {
+            return Vec::new();
         }
+        let mut out = Vec::with_capacity(self.count_on(node));
+        for shard in self.conns.iter() {
+            let cs = shard.0.read();
+            for &conn in cs.on_node[node].iter() {
+                let ch = key::hash_conn(self.seed, conn);
+                if let Some(c) = cs.by_conn.find(ch, |c| c.conn == conn) {
+                    out.push((conn, c.full_jid.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Number of sessions bound on `node` (O(1)).
     pub fn count_on(&self, node: NodeIndex) -> usize {
         self.counts
             .get(node)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+            .map_or(0, |c| c.0.load(Ordering::Relaxed))
     }
 
-    /// A copy of what is tracked for a bare (or full) JID.
+    /// Runs `f` on the user's slot under its shard's read lock.
+    fn with_user<R>(&self, jid: &str, f: impl FnOnce(&UserSlot) -> R) -> Option<R> {
+        let bare = bare_of(jid);
+        let uh = self.user_hash(bare);
+        let users = self.users[shard_of(uh)].0.read();
+        users
+            .find(uh, |u| u.hash == uh && u.bare.matches(bare.as_bytes()))
+            .map(f)
+    }
+
+    /// A copy of what is tracked for a bare (or full) JID, any ASCII case.
+    /// Copies the sessions (one `Vec`); readers that need less use
+    /// [`Tracker::summary`], which allocates nothing.
     pub fn lookup(&self, jid: &str) -> Option<User> {
-        let bare = bare_of(jid).to_ascii_lowercase();
-        self.users.get(bare.as_str()).map(|u| u.clone())
+        self.with_user(jid, |u| User {
+            home: NodeIndex::from(u.home),
+            serving: NodeIndex::from(u.serving),
+            sessions: u.sessions().map(SessionSlot::to_public).collect(),
+            temp_subscriptions: u
+                .cold
+                .temp
+                .as_deref()
+                .map(<[Arc<str>]>::to_vec)
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Home, serving node and presence of a user, without allocating.
+    pub fn summary(&self, jid: &str) -> Option<Summary> {
+        self.with_user(jid, |u| Summary {
+            home: NodeIndex::from(u.home),
+            serving: NodeIndex::from(u.serving),
+            sessions: usize::from(u.count),
+            available: u.available,
+        })
     }
 
     /// The control handle of a connection's session, if bound.
     pub fn handle_of(&self, conn: ConnId) -> Option<ConnHandle> {
-        let bare = self.by_conn.get(&conn)?.0.clone();
-        let u = self.users.get(&bare)?;
-        u.sessions
-            .iter()
+        let uh = self.user_hash_of(conn)?;
+        let users = self.users[shard_of(uh)].0.read();
+        let handle = users
+            .find(uh, |u| u.hash == uh && u.has(conn))?
+            .sessions()
             .find(|s| s.conn == conn)
-            .map(|s| s.handle.clone())
+            .map(|s| s.handle.clone());
+        handle
     }
 
     /// Number of users with at least one session.
     pub fn user_count(&self) -> usize {
-        self.users.len()
+        self.user_total.0.load(Ordering::Relaxed)
     }
 }
 

@@ -75,3 +75,149 @@ fn priorities_and_shows() {
     assert_eq!(Show::parse(b"bogus"), Show::Online);
     assert_ne!(status_hash(b""), 0);
 }
+
+#[tokio::test]
+async fn summary_serving_and_case() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    assert_eq!(t.summary("nobody@example.com"), None);
+    t.on_bind("Dave@Example.COM/a", 0, 1, 10, h.clone());
+    let s = t.summary("dave@example.com/other").unwrap();
+    assert_eq!(
+        s,
+        Summary {
+            home: 0,
+            serving: 1,
+            sessions: 1,
+            available: false
+        }
+    );
+    t.on_presence(
+        10,
+        Presence {
+            available: true,
+            ..Presence::default()
+        },
+    );
+    assert!(t.summary("DAVE@example.com").unwrap().available);
+    let u = t.lookup("dave@EXAMPLE.com").unwrap();
+    assert_eq!((u.home, u.serving), (0, 1));
+    // The full JID is kept exactly as the node bound it.
+    assert_eq!(u.sessions[0].full_jid.as_ref(), "Dave@Example.COM/a");
+    assert!(u.temp_subscriptions.is_empty());
+}
+
+#[tokio::test]
+async fn long_jids_and_first_session_removal() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    let bare = "a-rather-long-localpart-for-heap-storage@conference.example.com";
+    for conn in 1..=3 {
+        t.on_bind(&format!("{bare}/r{conn}"), 1, 1, conn, h.clone());
+    }
+    assert_eq!(t.lookup(bare).unwrap().sessions.len(), 3);
+    // Remove the inline (first) session: another takes its place.
+    t.on_close(1);
+    let u = t.lookup(&bare.to_uppercase()).unwrap();
+    let mut conns: Vec<_> = u.sessions.iter().map(|s| s.conn).collect();
+    conns.sort_unstable();
+    assert_eq!(conns, [2, 3]);
+    t.on_presence(
+        3,
+        Presence {
+            available: true,
+            priority: 9,
+            ..Presence::default()
+        },
+    );
+    let u = t.lookup(bare).unwrap();
+    assert_eq!(
+        u.sessions
+            .iter()
+            .find(|s| s.conn == 3)
+            .unwrap()
+            .presence
+            .priority,
+        9
+    );
+    assert!(t.handle_of(2).is_some());
+    assert!(t.handle_of(1).is_none());
+    t.on_close(3);
+    t.on_close(2);
+    assert_eq!((t.user_count(), t.count_on(1)), (0, 0));
+}
+
+#[tokio::test]
+async fn per_node_index_follows_binds_and_closes() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    for conn in 0..1000u64 {
+        let node = (conn % 2) as usize;
+        t.on_bind(
+            &format!("u{conn}@example.com/r"),
+            node,
+            node,
+            conn,
+            h.clone(),
+        );
+    }
+    assert_eq!(
+        (t.count_on(0), t.count_on(1), t.user_count()),
+        (500, 500, 1000)
+    );
+    for conn in (0..1000u64).step_by(4) {
+        t.on_close(conn);
+    }
+    let on0 = t.sessions_on(0);
+    assert_eq!(on0.len(), 250);
+    assert_eq!(t.count_on(0), 250);
+    assert!(on0
+        .iter()
+        .all(|(c, j)| c % 4 == 2 && j.as_ref() == format!("u{c}@example.com/r")));
+    assert_eq!(t.sessions_on(1).len(), 500);
+    assert!(t.sessions_on(2).is_empty());
+    assert_eq!(t.count_on(7), 0);
+}
+
+#[test]
+fn concurrent_updates_keep_counts_consistent() {
+    let t = std::sync::Arc::new(Tracker::new());
+    let (h, _r) = mpsc::channel(1);
+    let threads: Vec<_> = (0..4u64)
+        .map(|k| {
+            let t = t.clone();
+            let h = h.clone();
+            std::thread::spawn(move || {
+                for round in 0..3u64 {
+                    for i in 0..500u64 {
+                        let conn = k * 10_000 + i;
+                        // Users shared between threads: sessions of one user
+                        // come from several connections at once.
+                        let jid = format!("user{}@example.com/t{k}", i % 50);
+                        t.on_bind(&jid, 0, ((i + round) % 2) as usize, conn, h.clone());
+                        t.on_presence(
+                            conn,
+                            Presence {
+                                available: true,
+                                ..Presence::default()
+                            },
+                        );
+                        assert!(t.summary(&jid).is_some());
+                        if i % 3 == 0 {
+                            t.on_close(conn);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let bound = (0..4u64)
+        .map(|_| (0..500u64).filter(|i| i % 3 != 0).count())
+        .sum::<usize>();
+    assert_eq!(t.count_on(0) + t.count_on(1), bound);
+    assert_eq!(t.sessions_on(0).len() + t.sessions_on(1).len(), bound);
+    assert_eq!(t.user_count(), 50);
+}

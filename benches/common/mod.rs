@@ -1,0 +1,4 @@
+//! Shared by the benches.
+#![allow(dead_code)]
+
+pub mod alloc;

@@ -1,0 +1,748 @@
+//! End-to-end load bench: relay throughput, memory per idle connection and
+//! logins per second, through the proxy and through its baselines, in one
+//! run. Started by `scripts/loadbench.sh`; the method is in
+//! `benches/README.md`.
+//!
+//! The driver (this process) runs the simulated nodes and the clients; each
+//! relay under test (the proxy, a plain `copy_bidirectional` relay, HAProxy)
+//! runs as its own process, so that the script can pin it to a core of its
+//! own and its memory can be read from `/proc`. Every loop is bounded in
+//! count and in time; everything listens on 127.0.0.1 only.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use memchr::memmem;
+use prg_proxy::sim::{Roster, SimNodeConfig, SimPair};
+use prg_proxy::xmpp::framer::{Frame, FrameKind, Framer};
+use prg_proxy::xmpp::peek;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::rustls;
+
+const DOMAIN: &str = "example.com";
+/// Longest wait for any one protocol step, so a stuck peer ends the run.
+const STEP: Duration = Duration::from_secs(20);
+
+#[derive(Parser)]
+#[command(about = "prg-proxy end-to-end load bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A plain tokio `copy_bidirectional` relay (the baseline relay).
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
+    /// Relay throughput: direct, through the proxy, the plain relay, HAProxy.
+    Throughput(Common),
+    /// RSS per idle TLS client connection through the proxy.
+    Memory(Common),
+    /// Full logins per second (TLS + SASL + bind), direct and through the proxy.
+    Logins(Common),
+    /// All three.
+    All(Common),
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The prg-proxy binary.
+    #[arg(long)]
+    proxy_bin: PathBuf,
+    /// HAProxy binary (skipped when absent).
+    #[arg(long, default_value = "haproxy")]
+    haproxy: String,
+    /// Pin each relay under test to this CPU with `taskset` (-1: no pinning).
+    #[arg(long, default_value_t = -1)]
+    relay_cpu: i32,
+    /// Concurrent clients in the throughput test.
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+    /// Seconds per throughput or login measurement.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Messages in flight per client.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Stanza sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = [250usize, 1024])]
+    sizes: Vec<usize>,
+    /// Idle connections for the memory test.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Concurrent login workers.
+    #[arg(long, default_value_t = 16)]
+    login_workers: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(match cli.command {
+            Cmd::Relay { .. } => 1,
+            _ => 2,
+        })
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadbench: runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async move {
+        match cli.command {
+            Cmd::Relay { listen, to } => relay(listen, to).await,
+            Cmd::Throughput(c) => Bench::new(c).await?.throughput().await,
+            Cmd::Memory(c) => Bench::new(c).await?.memory().await,
+            Cmd::Logins(c) => Bench::new(c).await?.logins().await,
+            Cmd::All(c) => {
+                let b = Bench::new(c).await?;
+                b.throughput().await?;
+                b.logins().await?;
+                b.memory().await
+            }
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadbench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn err(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// The baseline relay: accept, connect, `copy_bidirectional`. Nothing else.
+async fn relay(listen: SocketAddr, to: SocketAddr) -> Res<()> {
+    let l = TcpListener::bind(listen).await.map_err(err("relay bind"))?;
+    loop {
+        let (mut c, _) = l.accept().await.map_err(err("relay accept"))?;
+        tokio::spawn(async move {
+            let _ = c.set_nodelay(true);
+            if let Ok(mut n) = TcpStream::connect(to).await {
+                let _ = n.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut n).await;
+            }
+        });
+    }
+}
+
+/// A process under test, killed (by its own pid) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    /// CPU time (user + system) the process has used, in seconds (from
+    /// `/proc`, clock ticks of 10 ms).
+    fn cpu_secs(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the parenthesised name; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        ticks as f64 / 100.0
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("loadbench: stopped {}", self.name);
+    }
+}
+
+/// Everything a run shares: certificates, the node pairs, the client TLS.
+struct Bench {
+    c: Common,
+    dir: PathBuf,
+    client_tls: Arc<rustls::ClientConfig>,
+    /// Nodes that require STARTTLS: for direct clients and the TCP relays
+    /// (which pass the client's TLS through to the node).
+    tls_pair: SimPair,
+    /// Plain-TCP nodes behind the proxy (the proxy terminates TLS).
+    plain_pair: SimPair,
+}
+
+/// A port that was free a moment ago (only for processes that cannot
+/// report the port they bound).
+fn free_port() -> Res<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(err("probe port"))?;
+    l.local_addr().map_err(err("probe port"))
+}
+
+async fn wait_listening(addr: SocketAddr) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("nothing listens on {addr}"))
+}
+
+fn user(i: usize) -> String {
+    format!("u{i}")
+}
+
+impl Bench {
+    async fn new(c: Common) -> Res<Bench> {
+        let dir = std::env::temp_dir().join(format!("prg-loadbench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
+        let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(err("cert"))?;
+        std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(err("key"))?;
+        let client_tls =
+            prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
+                .map_err(|e| e.to_string())?;
+        let server = prg_proxy::tls::server_tls(&prg_proxy::config::TlsConfig {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            sni: Vec::new(),
+        })
+        .map_err(|e| e.to_string())?;
+        let accounts = c.clients.max(c.idle).max(c.login_workers) + 1;
+        let users: Vec<(String, String)> = (0..accounts).map(|i| (user(i), "pw".into())).collect();
+        let node = |name: &str, tls: bool| {
+            let mut n = SimNodeConfig::new(name, DOMAIN, users.clone());
+            // Nobody's presence fans out: the bench measures the relay.
+            n.roster = Roster::Custom(HashMap::new());
+            if tls {
+                n.tls = Some(server.starttls.clone());
+                n.require_tls = true;
+            }
+            n
+        };
+        let tls_pair = SimPair::start(node("imp1", true), node("imp2", true))
+            .await
+            .map_err(err("tls node pair"))?;
+        let plain_pair = SimPair::start(node("imp1", false), node("imp2", false))
+            .await
+            .map_err(err("plain node pair"))?;
+        Ok(Bench {
+            c,
+            dir,
+            client_tls,
+            tls_pair,
+            plain_pair,
+        })
+    }
+
+    fn pinned(&self, program: &Path) -> Command {
+        if self.c.relay_cpu >= 0 {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(self.c.relay_cpu.to_string()).arg(program);
+            cmd
+        } else {
+            Command::new(program)
+        }
+    }
+
+    async fn start_proxy(&self) -> Res<(Proc, SocketAddr)> {
+        let addr = free_port()?;
+        let nodes = [
+            self.plain_pair.nodes[0].addr(),
+            self.plain_pair.nodes[1].addr(),
+        ];
+        // active-standby: every user on node 1, like the other targets.
+        let text = format!(
+            "[group]\nname = \"bench\"\nassignment = \"active-standby\"\ndomains = [\"{DOMAIN}\"]\n\n\
+             [[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n[[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n\n\
+             [listen]\nstarttls = \"{addr}\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
+             [limits]\nmax_connections = 60000\n",
+            nodes[0], nodes[1]
+        );
+        let cfg = self.dir.join("proxy.toml");
+        std::fs::write(&cfg, text).map_err(err("proxy config"))?;
+        let child = self
+            .pinned(&self.c.proxy_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(err("start prg-proxy"))?;
+        let p = Proc {
+            name: "prg-proxy",
+            child,
+        };
+        wait_listening(addr).await?;
+        // The proxy learns the nodes' mechanisms from its first probes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok((p, addr))
+    }
+
+    async fn start_relay(&self, to: SocketAddr) -> Res<(Proc, SocketAddr)> {
+        let addr = free_port()?;
+        let me = std::env::current_exe().map_err(err("current exe"))?;
+        let child = self
+            .pinned(&me)
+            .arg("relay")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--to")
+            .arg(to.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(err("start relay"))?;
+        let p = Proc {
+            name: "copy_bidirectional relay",
+            child,
+        };
+        wait_listening(addr).await?;
+        Ok((p, addr))
+    }
+
+    async fn start_haproxy(&self, to: SocketAddr) -> Res<Option<(Proc, SocketAddr)>> {
+        let found = Command::new(&self.c.haproxy)
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            eprintln!(
+                "loadbench: {} not found: HAProxy comparison skipped",
+                self.c.haproxy
+            );
+            return Ok(None);
+        }
+        let addr = free_port()?;
+        let cfg = self.dir.join("haproxy.cfg");
+        let text = format!(
+            "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+             timeout client 120s\n  timeout server 120s\n\nfrontend xmpp\n  bind {addr}\n  \
+             default_backend node\n\nbackend node\n  server imp1 {to}\n"
+        );
+        std::fs::write(&cfg, text).map_err(err("haproxy config"))?;
+        let child = self
+            .pinned(Path::new(&self.c.haproxy))
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(err("start haproxy"))?;
+        let p = Proc {
+            name: "haproxy",
+            child,
+        };
+        wait_listening(addr).await?;
+        Ok(Some((p, addr)))
+    }
+
+    /// Relay throughput for every target and stanza size.
+    ///
+    /// The TCP relays pass the client's TLS through to a node that ends it;
+    /// the proxy ends TLS itself and talks plain TCP to its node. So that
+    /// the relays are not charged for TLS the proxy would do anyway, they
+    /// are also measured with plain-TCP clients to a plain node
+    /// (`/plain`: the relay's own cost, less work than the proxy does).
+    async fn throughput(&self) -> Res<()> {
+        let tls_node = self.tls_pair.nodes[0].addr();
+        let plain_node = self.plain_pair.nodes[0].addr();
+        let (proxy_p, proxy) = self.start_proxy().await?;
+        let (relay_p, relay) = self.start_relay(tls_node).await?;
+        let (relay_plain_p, relay_plain) = self.start_relay(plain_node).await?;
+        let haproxy = self.start_haproxy(tls_node).await?;
+        let haproxy_plain = self.start_haproxy(plain_node).await?;
+        let mut targets: Vec<(&str, SocketAddr, bool, Option<&Proc>)> = vec![
+            ("direct", tls_node, true, None),
+            ("prg-proxy", proxy, true, Some(&proxy_p)),
+            ("tokio-relay", relay, true, Some(&relay_p)),
+            (
+                "tokio-relay/plain",
+                relay_plain,
+                false,
+                Some(&relay_plain_p),
+            ),
+        ];
+        if let (Some((a_p, a)), Some((b_p, b))) = (&haproxy, &haproxy_plain) {
+            targets.push(("haproxy", *a, true, Some(a_p)));
+            targets.push(("haproxy/plain", *b, false, Some(b_p)));
+        }
+        for &size in &self.c.sizes {
+            let mut rates: HashMap<&str, f64> = HashMap::new();
+            for &(name, addr, tls, proc_) in &targets {
+                let cpu0 = proc_.map_or(0.0, Proc::cpu_secs);
+                let (stanzas, secs) = self.pump(addr, tls, size).await?;
+                let cpu = proc_.map_or(0.0, Proc::cpu_secs) - cpu0;
+                let rate = stanzas as f64 / secs;
+                rates.insert(name, rate);
+                // The relay's CPU per stanza does not depend on whether the
+                // driver (nodes + clients) saturates first.
+                let cost = match proc_ {
+                    Some(_) => format!(
+                        "  relay CPU {:>5.2} us/stanza ({:>3.0} % of a core)",
+                        cpu * 1e6 / stanzas.max(1) as f64,
+                        cpu * 100.0 / secs
+                    ),
+                    None => String::new(),
+                };
+                println!(
+                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:>9.0} stanzas/s {:>7.1} MB/s{cost}",
+                    self.c.clients,
+                    rate,
+                    rate * size as f64 / 1e6
+                );
+            }
+            let p = rates["prg-proxy"];
+            let ratio = |k: &str| {
+                rates
+                    .get(k)
+                    .map_or("n/a".to_string(), |r| format!("{:.2}x", p / r))
+            };
+            println!(
+                "SUMMARY relay: {size:>5} B ratio prg-proxy/tokio-relay {} (/plain {})  prg-proxy/haproxy {} (/plain {})  prg-proxy/direct {}  [goal >= 0.7x relay, >= 1.0x haproxy]",
+                ratio("tokio-relay"),
+                ratio("tokio-relay/plain"),
+                ratio("haproxy"),
+                ratio("haproxy/plain"),
+                ratio("direct")
+            );
+        }
+        Ok(())
+    }
+
+    /// Logs `clients` users in through `addr`, then each keeps `window`
+    /// messages to itself in flight for `secs`. Returns (stanzas, seconds).
+    async fn pump(&self, addr: SocketAddr, tls: bool, size: usize) -> Res<(u64, f64)> {
+        let mut conns = Vec::with_capacity(self.c.clients);
+        for i in 0..self.c.clients {
+            let tls = tls.then_some(&self.client_tls);
+            conns.push(login(addr, tls, &user(i), &format!("t{size}")).await?);
+        }
+        let done = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(self.c.secs);
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|c| {
+                let done = done.clone();
+                let window = self.c.window;
+                tokio::spawn(async move { c.echo(size, window, deadline, &done).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok((done.load(Ordering::Relaxed), secs))
+    }
+
+    /// Full logins per second, direct and through the proxy.
+    async fn logins(&self) -> Res<()> {
+        let (_proxy, proxy) = self.start_proxy().await?;
+        let mut rates = Vec::new();
+        for (name, addr) in [
+            ("direct", self.tls_pair.nodes[0].addr()),
+            ("prg-proxy", proxy),
+        ] {
+            let n = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs_f64(self.c.secs);
+            let workers: Vec<_> = (0..self.c.login_workers)
+                .map(|w| {
+                    let n = n.clone();
+                    let tls = self.client_tls.clone();
+                    tokio::spawn(async move {
+                        let mut k = 0u64;
+                        // Bounded in time and in count.
+                        while Instant::now() < deadline && k < 100_000 {
+                            let c = login(addr, Some(&tls), &user(w), &format!("l{k}")).await?;
+                            c.close().await;
+                            k += 1;
+                            n.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok::<(), String>(())
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.await.map_err(|e| e.to_string())??;
+            }
+            let rate = n.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+            println!(
+                "SUMMARY logins: {name:<10} {rate:>7.0} logins/s ({} workers, STARTTLS + SASL PLAIN + bind)",
+                self.c.login_workers
+            );
+            rates.push(rate);
+        }
+        println!(
+            "SUMMARY logins: ratio prg-proxy/direct {:.2}x  [goal >= 500 logins/s and >= 0.8x direct]",
+            rates[1] / rates[0]
+        );
+        Ok(())
+    }
+
+    /// RSS growth of the proxy process per idle logged-in TLS connection.
+    async fn memory(&self) -> Res<()> {
+        let (proxy, addr) = self.start_proxy().await?;
+        // Warm up: first connections size the runtime's and allocator's pools.
+        let mut warm = Vec::new();
+        for i in 0..8 {
+            warm.push(login(addr, Some(&self.client_tls), &user(i), "warm").await?);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = proxy.rss_kib();
+        let n = self.c.idle;
+        let gate = Arc::new(Semaphore::new(64));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let gate = gate.clone();
+                let tls = self.client_tls.clone();
+                tokio::spawn(async move {
+                    let _p = gate.acquire().await.map_err(|e| e.to_string())?;
+                    login(addr, Some(&tls), &user(i), "idle").await
+                })
+            })
+            .collect();
+        let mut idle = Vec::with_capacity(n);
+        for t in tasks {
+            idle.push(t.await.map_err(|e| e.to_string())??);
+        }
+        let took = start.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = proxy.rss_kib();
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
+        println!(
+            "SUMMARY memory: {n} idle TLS connections through the proxy (logged in and bound, set up in {took:.1?}): proxy RSS {before} KiB -> {after} KiB, {:.1} KiB per connection  [goal <= 32 KiB]",
+            per / 1024.0
+        );
+        drop(idle);
+        drop(warm);
+        Ok(())
+    }
+}
+
+/// A minimal XMPP client for load: STARTTLS, SASL PLAIN, bind; then raw
+/// bytes, so that the client costs little next to the relay it measures.
+struct Lean {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+    jid: String,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream to='example.com' version='1.0' xml:lang='en' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+/// Reads until one complete element (or stream header) is framed; returns
+/// its bytes. `framer` keeps its state across calls within one stream.
+async fn next_element(
+    io: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    framer: &mut Framer,
+) -> Res<(FrameKind, Vec<u8>)> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        match framer.next(buf) {
+            Ok(Some(f)) => {
+                let bytes: Vec<u8> = buf.drain(..f.len).collect();
+                if f.kind == FrameKind::Whitespace {
+                    continue;
+                }
+                return Ok((f.kind, bytes));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad XML from the server: {e}")),
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, io.read(&mut chunk))
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(err("read"))?;
+        if n == 0 {
+            return Err("server closed the connection".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Opens a stream and reads up to the features; returns them.
+async fn open(io: &mut (impl AsyncRead + AsyncWrite + Unpin), buf: &mut Vec<u8>) -> Res<Vec<u8>> {
+    io.write_all(HEADER.as_bytes())
+        .await
+        .map_err(err("write"))?;
+    let mut f = Framer::new(1 << 20);
+    let (k, _) = next_element(io, buf, &mut f).await?;
+    if k != FrameKind::Header {
+        return Err("expected a stream header".into());
+    }
+    let (_, features) = next_element(io, buf, &mut f).await?;
+    if Frame::name_of(&features) != b"stream:features" {
+        return Err(format!(
+            "expected features, got {}",
+            String::from_utf8_lossy(&features)
+        ));
+    }
+    Ok(features)
+}
+
+async fn login(
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    user: &str,
+    resource: &str,
+) -> Res<Lean> {
+    let mut tcp = TcpStream::connect(addr).await.map_err(err("connect"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut buf = Vec::new();
+    let features = open(&mut tcp, &mut buf).await?;
+    let mut io: Box<dyn Io> = match tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            if !peek::contains(&features, b"urn:ietf:params:xml:ns:xmpp-tls") {
+                return Err("no STARTTLS offered".into());
+            }
+            tcp.write_all(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+                .await
+                .map_err(err("write"))?;
+            let mut f = Framer::in_open_stream(1 << 20);
+            let (_, proceed) = next_element(&mut tcp, &mut buf, &mut f).await?;
+            if Frame::name_of(&proceed) != b"proceed" {
+                return Err("STARTTLS refused".into());
+            }
+            let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())
+                .map_err(|e| e.to_string())?;
+            let connect = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp);
+            let tls = tokio::time::timeout(STEP, connect)
+                .await
+                .map_err(|_| "TLS timeout".to_string())?
+                .map_err(err("TLS"))?;
+            let mut io: Box<dyn Io> = Box::new(tls);
+            buf.clear();
+            open(&mut io, &mut buf).await?;
+            io
+        }
+    };
+    let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0pw"));
+    io.write_all(
+        format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>")
+            .as_bytes(),
+    )
+    .await
+    .map_err(err("write"))?;
+    let mut f = Framer::in_open_stream(1 << 20);
+    let (_, ok) = next_element(&mut io, &mut buf, &mut f).await?;
+    if Frame::name_of(&ok) != b"success" {
+        return Err(format!("auth failed: {}", String::from_utf8_lossy(&ok)));
+    }
+    let features = open(&mut io, &mut buf).await?;
+    io.write_all(format!("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>").as_bytes())
+        .await
+        .map_err(err("write"))?;
+    let mut f = Framer::in_open_stream(1 << 20);
+    let (_, res) = next_element(&mut io, &mut buf, &mut f).await?;
+    let jid = peek::child_text(&res, b"jid")
+        .map(|j| String::from_utf8_lossy(j).into_owned())
+        .ok_or_else(|| format!("bind failed: {}", String::from_utf8_lossy(&res)))?;
+    let session = peek::contains(&features, b"urn:ietf:params:xml:ns:xmpp-session");
+    if session && !peek::contains(&features, b"<optional/>") {
+        io.write_all(
+            b"<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+        )
+        .await
+        .map_err(err("write"))?;
+        next_element(&mut io, &mut buf, &mut f).await?;
+    }
+    Ok(Lean { io, buf, jid })
+}
+
+impl Lean {
+    /// Sends `window` messages of about `size` bytes to itself, waits for
+    /// them to come back, repeats until `deadline`; adds to `done`.
+    async fn echo(
+        mut self,
+        size: usize,
+        window: usize,
+        deadline: Instant,
+        done: &AtomicU64,
+    ) -> Res<()> {
+        let head = format!("<message type='chat' to='{}' id='x'><body>", self.jid);
+        let tail = "</body></message>";
+        let body = "x".repeat(size.saturating_sub(head.len() + tail.len()).max(1));
+        let one = format!("{head}{body}{tail}");
+        let batch = one.repeat(window);
+        let finder = memmem::Finder::new(b"</message>");
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut carry: Vec<u8> = std::mem::take(&mut self.buf);
+        let mut rounds = 0u64;
+        // Bounded in time and in rounds.
+        while Instant::now() < deadline && rounds < 10_000_000 {
+            rounds += 1;
+            self.io
+                .write_all(batch.as_bytes())
+                .await
+                .map_err(err("write"))?;
+            let mut got = 0;
+            while got < window {
+                let n = tokio::time::timeout(STEP, self.io.read(&mut chunk))
+                    .await
+                    .map_err(|_| "echo timeout".to_string())?
+                    .map_err(err("read"))?;
+                if n == 0 {
+                    return Err("closed during echo".into());
+                }
+                carry.extend_from_slice(&chunk[..n]);
+                let mut last = 0;
+                for at in finder.find_iter(&carry) {
+                    got += 1;
+                    last = at + b"</message>".len();
+                }
+                carry.drain(..last.max(carry.len().saturating_sub(16)).min(carry.len()));
+            }
+            done.fetch_add(window as u64, Ordering::Relaxed);
+        }
+        self.close().await;
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        let _ = self.io.write_all(b"</stream:stream>").await;
+        let _ = self.io.shutdown().await;
+    }
+}
