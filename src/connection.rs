@@ -624,34 +624,18 @@ impl ClientToNode {
     async fn run(mut self) -> End {
         loop {
             // Frame everything complete, forward it in one write.
-            let mut ready = 0;
-            let mut closed = false;
-            loop {
-                match self.framer.next(&self.buf[ready..]) {
-                    Ok(Some(f)) => {
-                        let frame = &self.buf[ready..ready + f.len];
-                        if f.kind == FrameKind::Stanza {
-                            self.observe(frame, &f);
-                        }
-                        ready += f.len;
-                        if f.kind == FrameKind::Close {
-                            closed = true;
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        // Forward what was complete, then tell the client.
-                        let _ = self.node.write_all(&self.buf[..ready]).await;
-                        let _ = self.node.write_all(b"</stream:stream>").await;
-                        let xml = frame_error_xml(&e);
-                        let mut c = self.client.lock().await;
-                        let _ = c.write_all(xml.as_bytes()).await;
-                        let _ = c.flush().await;
-                        return End::Error(ConnError::ClientXml(e));
-                    }
+            let (ready, closed) = match scan(&mut self.framer, &self.buf, |frame, f| {
+                observe_up(&self.shared, self.conn, frame, f)
+            }) {
+                Ok(r) => r,
+                Err((ready, e)) => {
+                    // Forward what was complete, then tell the client.
+                    let _ = self.node.write_all(&self.buf[..ready]).await;
+                    let _ = self.node.write_all(b"</stream:stream>").await;
+                    close_client(&self.client, &[frame_error_xml(&e).as_bytes()]).await;
+                    return End::Error(ConnError::ClientXml(e));
                 }
-            }
+            };
             if ready > 0 {
                 if let Err(e) = self.node.write_all(&self.buf[..ready]).await {
                     return End::Error(ConnError::Node(format!("write: {e}")));
@@ -679,32 +663,6 @@ impl ClientToNode {
                 }
             }
         }
-    }
-
-    /// Tracker peek at a client stanza: broadcast presence.
-    fn observe(&self, frame: &[u8], f: &Frame) {
-        self.shared
-            .metrics
-            .stanzas_up
-            .fetch_add(1, Ordering::Relaxed);
-        if f.name(frame) != b"presence" {
-            return;
-        }
-        let head = &frame[..f.head_end];
-        if peek::attr(head, b"to").is_some() {
-            return; // directed presence
-        }
-        let presence = match peek::attr(head, b"type") {
-            None => Presence {
-                available: true,
-                show: peek::child_text(frame, b"show").map_or(Show::Online, Show::parse),
-                priority: peek::child_text(frame, b"priority").map_or(0, tracker::parse_priority),
-                status_hash: peek::child_text(frame, b"status").map_or(0, tracker::status_hash),
-            },
-            Some(b"unavailable") => Presence::default(),
-            Some(_) => return, // subscription management
-        };
-        self.shared.tracker.on_presence(self.conn, presence);
     }
 }
 
@@ -738,37 +696,22 @@ impl NodeToClient {
         let mut shutdown = self.shutdown.clone();
         loop {
             // Relay whatever is complete.
-            let mut ready = 0;
-            let mut closed = false;
-            loop {
-                match self.framer.next(&self.buf[ready..]) {
-                    Ok(Some(f)) => {
-                        if f.kind == FrameKind::Stanza {
-                            let frame = &self.buf[ready..ready + f.len];
-                            self.peek.observe(frame, &f);
-                        }
-                        ready += f.len;
-                        if f.kind == FrameKind::Close {
-                            closed = true;
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn!(error = %e, "node sent bad XML");
-                        let mut c = self.client.lock().await;
-                        let _ = c.write_all(&self.buf[..ready]).await;
-                        let x = stream::stream_error(
-                            "internal-server-error",
-                            Some("the node sent invalid XML"),
-                            None,
-                        );
-                        let _ = c.write_all(x.as_bytes()).await;
-                        let _ = c.flush().await;
-                        return End::Error(ConnError::Node(e.to_string()));
-                    }
+            let peek = &mut self.peek;
+            let (ready, closed) = match scan(&mut self.framer, &self.buf, |frame, f| {
+                peek.observe(frame, f)
+            }) {
+                Ok(r) => r,
+                Err((ready, e)) => {
+                    warn!(error = %e, "node sent bad XML");
+                    let x = stream::stream_error(
+                        "internal-server-error",
+                        Some("the node sent invalid XML"),
+                        None,
+                    );
+                    close_client(&self.client, &[&self.buf[..ready], x.as_bytes()]).await;
+                    return End::Error(ConnError::Node(e.to_string()));
                 }
-            }
+            };
             if ready > 0 {
                 let mut c = self.client.lock().await;
                 if let Err(e) = c.write_all(&self.buf[..ready]).await {
@@ -797,10 +740,7 @@ impl NodeToClient {
                 },
                 Some(ctrl) = self.control.recv() => match ctrl {
                     Control::Evict(xml) => {
-                        let mut c = self.client.lock().await;
-                        let _ = c.write_all(xml.as_bytes()).await;
-                        let _ = c.flush().await;
-                        let _ = c.shutdown().await;
+                        close_client(&self.client, &[xml.as_bytes()]).await;
                         return End::Evicted;
                     }
                     Control::Inject(bytes) => {
@@ -812,10 +752,7 @@ impl NodeToClient {
                 },
                 _ = wait_shutdown(&mut shutdown) => {
                     let x = stream::stream_error("system-shutdown", Some("the proxy is shutting down; reconnect"), None);
-                    let mut c = self.client.lock().await;
-                    let _ = c.write_all(x.as_bytes()).await;
-                    let _ = c.flush().await;
-                    let _ = c.shutdown().await;
+                    close_client(&self.client, &[x.as_bytes()]).await;
                     return End::Shutdown;
                 }
             }
@@ -829,10 +766,7 @@ impl NodeToClient {
             Some("the connection to the user's node was lost; reconnect"),
             None,
         );
-        let mut c = self.client.lock().await;
-        let _ = c.write_all(x.as_bytes()).await;
-        let _ = c.flush().await;
-        let _ = c.shutdown().await;
+        close_client(&self.client, &[x.as_bytes()]).await;
         End::Error(ConnError::Node(why.to_string()))
     }
 }
@@ -866,6 +800,65 @@ impl BindWatch {
             debug!(jid = %full, "bound");
         }
     }
+}
+
+/// Tracker peek at a client stanza: broadcast presence.
+fn observe_up(shared: &Shared, conn: ConnId, frame: &[u8], f: &Frame) {
+    shared.metrics.stanzas_up.fetch_add(1, Ordering::Relaxed);
+    if f.name(frame) != b"presence" {
+        return;
+    }
+    let head = &frame[..f.head_end];
+    if peek::attr(head, b"to").is_some() {
+        return; // directed presence
+    }
+    let presence = match peek::attr(head, b"type") {
+        None => Presence {
+            available: true,
+            show: peek::child_text(frame, b"show").map_or(Show::Online, Show::parse),
+            priority: peek::child_text(frame, b"priority").map_or(0, tracker::parse_priority),
+            status_hash: peek::child_text(frame, b"status").map_or(0, tracker::status_hash),
+        },
+        Some(b"unavailable") => Presence::default(),
+        Some(_) => return, // subscription management
+    };
+    shared.tracker.on_presence(conn, presence);
+}
+
+/// Frames everything complete in `buf`, calling `observe` for each stanza.
+/// Returns the bytes ready to forward and whether the stream was closed, or
+/// the bytes ready before the error and the error.
+fn scan(
+    framer: &mut Framer,
+    buf: &[u8],
+    mut observe: impl FnMut(&[u8], &Frame),
+) -> Result<(usize, bool), (usize, FrameError)> {
+    let mut ready = 0;
+    loop {
+        match framer.next(&buf[ready..]) {
+            Ok(Some(f)) => {
+                if f.kind == FrameKind::Stanza {
+                    observe(&buf[ready..ready + f.len], &f);
+                }
+                ready += f.len;
+                if f.kind == FrameKind::Close {
+                    return Ok((ready, true));
+                }
+            }
+            Ok(None) => return Ok((ready, false)),
+            Err(e) => return Err((ready, e)),
+        }
+    }
+}
+
+/// Writes the parts to the client, then flushes and closes its side.
+async fn close_client(client: &Mutex<WriteHalf<BoxStream>>, parts: &[&[u8]]) {
+    let mut c = client.lock().await;
+    for p in parts {
+        let _ = c.write_all(p).await;
+    }
+    let _ = c.flush().await;
+    let _ = c.shutdown().await;
 }
 
 /// The stream error for a framing error.
