@@ -36,6 +36,7 @@
 //! the node's SASL mechanisms, and an HTTP 2xx check, each bounded by a timeout.
 //! [`table`] holds the source's Table 2 texts.
 
+pub mod monitor;
 pub mod probe;
 mod state;
 pub mod table;
