@@ -17,10 +17,7 @@ pub const T: Duration = Duration::from_secs(10);
 pub const USERS: [&str; 5] = ["alice", "bob", "carol", "dave", "erin"];
 
 pub fn users() -> Vec<(String, String)> {
-    USERS
-        .iter()
-        .map(|u| (u.to_string(), "pw".to_string()))
-        .collect()
+    USERS.iter().map(|u| (u.to_string(), "pw".to_string())).collect()
 }
 
 /// Development certificates written to a temporary folder.
@@ -67,10 +64,7 @@ pub fn config_text(nodes: &[SocketAddr], mode: &str, certs: &Certs, extra: &str)
          assignment = \"{mode}\"\ndomains = [\"{DOMAIN}\"]\n\n"
     );
     for (i, a) in nodes.iter().enumerate() {
-        s.push_str(&format!(
-            "[[nodes]]\nname = \"imp{}\"\naddress = \"{a}\"\n\n",
-            i + 1
-        ));
+        s.push_str(&format!("[[nodes]]\nname = \"imp{}\"\naddress = \"{a}\"\n\n", i + 1));
     }
     s.push_str(&format!(
         "[listen]\nstarttls = \"127.0.0.1:0\"\ndirect_tls = \"127.0.0.1:0\"\n\n\
