@@ -498,3 +498,58 @@ async fn refused_monitor_login_is_an_authentication_service_failure() {
     assert_eq!(g.node_of("alice"), Some(1));
     g.stop().await;
 }
+
+/// Heartbeat timeout 10 s: only strong evidence can act within a second.
+const SLOW_TIMEOUT: &str = "heartbeat_interval = \"200ms\"\nheartbeat_timeout = \"10s\"\n\
+                            initial_heartbeat_timeout = \"20s\"\n";
+
+/// A node with no relayed sessions crashes: the first login that finds its
+/// connect refused is the evidence; the user's retry lands on node 2.
+#[tokio::test]
+async fn refused_login_to_an_idle_node_is_evidence_too() {
+    let mut g = Group::start(Setup {
+        srm: SLOW_TIMEOUT,
+        ..Setup::default()
+    })
+    .await;
+    g.normal().await;
+    let t0 = Instant::now();
+    g.pair.nodes[0].kill();
+    match g.try_login("alice").await {
+        Err(ClientError::SaslFailure { condition, .. }) => {
+            assert_eq!(condition, "temporary-auth-failure")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    g.wait_for((S::Down, R::None), (S::RunningInBackupMode, R::PeerDown), T)
+        .await;
+    let detected = t0.elapsed();
+    println!("idle-node crash detection time: {detected:?}");
+    assert!(detected < Duration::from_secs(2), "took {detected:?}");
+    let _alice = g.login("alice").await;
+    assert_eq!(g.node_of("alice"), Some(1));
+    g.stop().await;
+}
+
+/// With fast detection off, a crash waits for the heartbeat timeout like
+/// the recovery manager does.
+#[tokio::test]
+async fn without_fast_detection_a_crash_waits_for_the_heartbeat_timeout() {
+    let srm = format!("{SLOW_TIMEOUT}fast_detect = false\n");
+    let mut g = Group::start(Setup {
+        srm: &srm,
+        ..Setup::default()
+    })
+    .await;
+    g.normal().await;
+    let mut alice = g.login("alice").await;
+    let mut bob = g.login("bob").await;
+    g.pair.nodes[0].kill();
+    closed_with(&mut alice).await;
+    closed_with(&mut bob).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = g.shared.group.current();
+    assert_eq!(s.state(NodeId::Node1), NORMAL, "{s:#?}");
+    assert!(s.nodes[0].last_heartbeat_error.is_some());
+    g.stop().await;
+}
