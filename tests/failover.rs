@@ -425,7 +425,18 @@ async fn manual_failover_and_fallback() {
     g.normal().await;
     let mut alice = g.login("alice").await;
     let mut dave = g.login("dave").await;
+    let mut moves = g.shared.group.subscribe_moves();
     g.shared.group.failover(0).await.unwrap();
+    let m = tokio::time::timeout(T, moves.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        (m.users_of, m.from, m.to, m.why),
+        (
+            NodeId::Node1,
+            Some(NodeId::Node1),
+            Some(NodeId::Node2),
+            R::OnAdminRequest
+        )
+    );
     let s = g
         .wait_for(
             (S::Idle, R::OnAdminRequest),

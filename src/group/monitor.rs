@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -67,6 +67,8 @@ const REPORT_QUEUE: usize = 64;
 const EVIDENCE_QUEUE: usize = 1024;
 /// Administrator requests waiting for the monitor.
 const ADMIN_QUEUE: usize = 16;
+/// Moves kept for a slow subscriber before it starts missing some.
+const MOVE_QUEUE: usize = 256;
 /// Bound on chained move confirmations within one input (each settles one move).
 const MAX_CONFIRMATIONS: usize = 8;
 
@@ -209,6 +211,9 @@ pub struct GroupHandle {
     admin: Mutex<Option<mpsc::Sender<AdminRequest>>>,
     /// Set while the monitor runs and fast detection is on.
     evidence: Mutex<Option<mpsc::Sender<FailureNote>>>,
+    /// Every routing change, for whoever plans the users' re-logins and
+    /// repairs what a move breaks (the failover module).
+    moves: broadcast::Sender<Move>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -222,7 +227,14 @@ impl GroupHandle {
             status: watch::Sender::new(GroupStatus::initial(config)),
             admin: Mutex::new(None),
             evidence: Mutex::new(None),
+            moves: broadcast::Sender::new(MOVE_QUEUE),
         }
+    }
+
+    /// A receiver of every [`Move`] from now on (after its streams were
+    /// asked to close and routing changed).
+    pub fn subscribe_moves(&self) -> broadcast::Receiver<Move> {
+        self.moves.subscribe()
     }
 
     /// A receiver of the group view, updated after every input.
@@ -665,6 +677,8 @@ impl Monitor {
             metrics
                 .group_evictions
                 .fetch_add(evicted as u64, Ordering::Relaxed);
+            // Nobody listening is fine: the eviction above already happened.
+            let _ = self.shared.group.moves.send(*m);
             info!(
                 users_of = %self.name(m.users_of),
                 from = %m.from.map_or("nobody", |n| self.name(n)),
@@ -827,7 +841,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, node: NodeId, tx: mpsc::Sender<Repo
     let mut tick = ticker(srm.heartbeat_interval);
     loop {
         tick.tick().await;
-        let report = match cfg.heartbeat {
+        let mut report = match cfg.heartbeat {
             HeartbeatKind::Tcp => {
                 let result = tcp_heartbeat(&shared, node, timeout)
                     .await
@@ -862,7 +876,6 @@ async fn heartbeat_loop(shared: Arc<Shared>, node: NodeId, tx: mpsc::Sender<Repo
                 },
             },
         };
-        let mut report = report;
         if monitor_login {
             if let Report::Heartbeat {
                 result: Ok(_),
@@ -1065,4 +1078,58 @@ fn client_tls(shared: &Shared, cfg: &NodeConfig) -> Result<ClientTls, String> {
             server_name: server_name(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EXAMPLE;
+
+    fn config() -> Config {
+        Config::parse(EXAMPLE).expect("example parses")
+    }
+
+    #[tokio::test]
+    async fn requests_without_a_monitor_fail_fast() {
+        let h = GroupHandle::new(&config());
+        assert_eq!(h.failover(0).await, Err(AdminError::NotRunning));
+        assert_eq!(h.fallback(1).await, Err(AdminError::NotRunning));
+        assert_eq!(h.recovery().await, Err(AdminError::NotRunning));
+        assert_eq!(h.failover(2).await, Err(AdminError::NoSuchNode(2)));
+        // Nothing is known yet: adding users is not safe.
+        let e = h.can_add_users().unwrap_err();
+        assert_eq!(e.node1, NodeState::Initializing);
+        assert!(e.to_string().contains("prg-1"), "{e}");
+        h.note_failure(0, 3); // dropped quietly
+        assert!(!h.current().monitoring);
+    }
+
+    #[test]
+    fn one_node_group_has_no_second_node() {
+        let mut c = config();
+        c.nodes.pop();
+        let h = GroupHandle::new(&c);
+        let s = h.current();
+        assert_eq!(s.nodes[0].name.as_deref(), Some("imp1"));
+        assert_eq!(s.nodes[1].name, None);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        assert_eq!(rt.block_on(h.fallback(1)), Err(AdminError::NoSuchNode(1)));
+    }
+
+    #[test]
+    fn params_follow_the_config() {
+        let mut c = config();
+        c.group.high_availability = false;
+        c.group.assignment = AssignmentMode::ActiveStandby;
+        c.srm.heartbeat_timeout = Duration::from_secs(30);
+        c.srm.auth_service_monitoring = true;
+        let p = params_of(&c);
+        assert!(!p.high_availability);
+        assert!(p.auth_service_monitoring);
+        assert_eq!(p.assignment, Assignment::ActiveStandby);
+        assert_eq!(p.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(p.critical_service_delay, Duration::from_secs(90));
+    }
 }
