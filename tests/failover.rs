@@ -68,6 +68,11 @@ impl Group {
     }
 
     async fn start_with(setup: Setup<'_>, tweak: impl Fn(&mut SimNodeConfig)) -> Group {
+        // `RUST_LOG=prg_proxy::group=info` shows the monitor's decisions.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let mut c1 = SimNodeConfig::new("imp1", DOMAIN, users());
         let mut c2 = SimNodeConfig::new("imp2", DOMAIN, users());
         tweak(&mut c1);
