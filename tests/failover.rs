@@ -432,7 +432,10 @@ async fn manual_failover_and_fallback() {
     let mut dave = g.login("dave").await;
     let mut moves = g.shared.group.subscribe_moves();
     g.shared.group.failover(0).await.unwrap();
-    let m = tokio::time::timeout(T, moves.recv()).await.unwrap().unwrap();
+    let m = tokio::time::timeout(T, moves.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (m.users_of, m.from, m.to, m.why),
         (
