@@ -146,6 +146,56 @@ pub struct NodeConfig {
     /// Client re-login upper limit for this node (source default 537 s).
     #[serde(default = "default_relogin_upper", with = "humantime_serde")]
     pub relogin_upper: Duration,
+    /// How the proxy checks that the node is alive, every
+    /// `srm.heartbeat_interval`.
+    #[serde(default)]
+    pub heartbeat: HeartbeatKind,
+    /// Services the node cannot serve users without: when one stays down
+    /// for `srm.critical_service_delay`, the node's users fail over.
+    #[serde(default)]
+    pub critical_services: Vec<CriticalServiceConfig>,
+}
+
+/// The kind of heartbeat sent to a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeartbeatKind {
+    /// A TCP connect to the client port: cheapest, but a node whose XMPP
+    /// service is wedged still looks alive.
+    Tcp,
+    /// Open an XMPP stream and read the features: proves the service
+    /// answers, and refreshes the SASL mechanisms offered to clients.
+    #[default]
+    Xmpp,
+    /// Log in with `srm.monitor_user` (SASL PLAIN), bind and send an XEP-0199
+    /// ping: proves the authentication service and the session manager
+    /// work. A refused login reports the authentication service down.
+    Login,
+}
+
+/// How a critical service is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CriticalServiceKind {
+    /// TCP connect to `host:port`.
+    Tcp,
+    /// `GET http://host:port/path`, expecting a 2xx status.
+    Http,
+    /// TCP connect to the database's `host:port`; a failure is reported as
+    /// a database failure (reason "Database Failure"), not a service.
+    Database,
+}
+
+/// One critical service of a node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriticalServiceConfig {
+    /// Name shown in logs and on the status page, e.g. "Cisco XCP Router".
+    pub name: String,
+    /// How to probe it.
+    pub kind: CriticalServiceKind,
+    /// `host:port` (tcp, database) or `host:port/path` (http).
+    pub target: String,
 }
 
 fn default_relogin_lower() -> Duration {
@@ -181,8 +231,32 @@ pub struct SrmConfig {
     /// Heartbeat interval (15 s).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// Fail over when the node's authentication service fails.
+    /// Fail over when the node's authentication service fails (a login
+    /// with `monitor_user` is then part of every heartbeat).
     pub auth_service_monitoring: bool,
+    /// Account used by "login" heartbeats and authentication service
+    /// monitoring: the SASL authentication identity (usually the
+    /// localpart). It needs no roster and should have no other use.
+    pub monitor_user: Option<String>,
+    /// Password of `monitor_user`.
+    pub monitor_password: Option<String>,
+    /// Bound on one probe, connect included (5 s; never more than
+    /// `heartbeat_interval`): a probe that hangs must not delay the next
+    /// heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub probe_timeout: Duration,
+    /// Act on strong evidence before the heartbeat timeout: when the relayed
+    /// connections to a node fail together and an immediate connect is
+    /// refused, the node is down now (a crash is seen in well under a
+    /// second instead of a minute).
+    pub fast_detect: bool,
+    /// How close together relay failures must be to count as one event (2 s).
+    #[serde(with = "humantime_serde")]
+    pub fast_detect_window: Duration,
+    /// Relay failures within the window that are strong evidence even when
+    /// the node still has other sessions (3). Fewer suffice when every
+    /// session the node had failed.
+    pub fast_detect_failures: usize,
 }
 
 impl Default for SrmConfig {
@@ -197,6 +271,12 @@ impl Default for SrmConfig {
             heartbeat_timeout: Duration::from_secs(60),
             heartbeat_interval: Duration::from_secs(15),
             auth_service_monitoring: false,
+            monitor_user: None,
+            monitor_password: None,
+            probe_timeout: Duration::from_secs(5),
+            fast_detect: true,
+            fast_detect_window: Duration::from_secs(2),
+            fast_detect_failures: 3,
         }
     }
 }
@@ -408,6 +488,27 @@ impl Config {
             }
         }
         self.srm.validate()?;
+        let login_heartbeat = self
+            .nodes
+            .iter()
+            .position(|n| n.heartbeat == HeartbeatKind::Login);
+        if login_heartbeat.is_some() || self.srm.auth_service_monitoring {
+            let why = match login_heartbeat {
+                Some(i) => format!("nodes[{i}].heartbeat is \"login\""),
+                None => "srm.auth_service_monitoring is on".to_string(),
+            };
+            for (key, v) in [
+                ("srm.monitor_user", &self.srm.monitor_user),
+                ("srm.monitor_password", &self.srm.monitor_password),
+            ] {
+                if v.as_deref().map_or(true, str::is_empty) {
+                    return Err(ConfigError::new(
+                        key,
+                        format!("required because {why}: the proxy logs in with this account"),
+                    ));
+                }
+            }
+        }
         self.limits.validate()?;
         if self.group.assignment_file.is_some() && self.group.assignment != AssignmentMode::Balanced
         {
@@ -508,6 +609,18 @@ impl NodeConfig {
                 "TLS towards a node needs a PEM file of trusted CA certificates",
             ));
         }
+        for (j, c) in self.critical_services.iter().enumerate() {
+            c.validate(&format!("{at}.critical_services[{j}]"))?;
+            if self.critical_services[..j].iter().any(|o| o.name == c.name) {
+                return Err(ConfigError::new(
+                    format!("{at}.critical_services[{j}].name"),
+                    format!(
+                        "{:?} is used by another critical service of this node",
+                        c.name
+                    ),
+                ));
+            }
+        }
         if self.relogin_lower > self.relogin_upper {
             return Err(ConfigError::new(
                 format!("{at}.relogin_lower"),
@@ -518,7 +631,45 @@ impl NodeConfig {
     }
 }
 
+impl CriticalServiceConfig {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() || self.name.len() > 128 {
+            return Err(ConfigError::new(
+                format!("{at}.name"),
+                "a critical service needs a name of 1 to 128 characters",
+            ));
+        }
+        let (authority, path) = match self.target.find('/') {
+            Some(i) => (&self.target[..i], Some(&self.target[i..])),
+            None => (self.target.as_str(), None),
+        };
+        let bad = |m: String| Err(ConfigError::new(format!("{at}.target"), m));
+        if split_host_port(authority).is_none() {
+            return bad(format!("{:?} does not start with host:port", self.target));
+        }
+        match (self.kind, path) {
+            (CriticalServiceKind::Http, Some(p)) if p.contains([' ', '\r', '\n']) => {
+                bad(format!("{p:?} is not a valid HTTP path"))
+            }
+            (CriticalServiceKind::Http, _) => Ok(()),
+            (_, Some(_)) => bad(format!(
+                "{:?}: a path is only meaningful for kind = \"http\"; give host:port",
+                self.target
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+}
+
 impl SrmConfig {
+    /// The bound actually used for a probe: `probe_timeout`, but never more
+    /// than the heartbeat interval, so that a hung probe never delays the
+    /// next heartbeat (a config with sub-second heartbeats need not also
+    /// shorten `probe_timeout`).
+    pub fn effective_probe_timeout(&self) -> Duration {
+        self.probe_timeout.min(self.heartbeat_interval)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let nz = |key: &str, d: Duration| {
             if d.is_zero() {
@@ -533,6 +684,15 @@ impl SrmConfig {
         nz("heartbeat_interval", self.heartbeat_interval)?;
         nz("heartbeat_timeout", self.heartbeat_timeout)?;
         nz("initial_heartbeat_timeout", self.initial_heartbeat_timeout)?;
+        nz("probe_timeout", self.probe_timeout)?;
+        nz("fast_detect_window", self.fast_detect_window)?;
+        if self.fast_detect_failures == 0 {
+            return Err(ConfigError::new(
+                "srm.fast_detect_failures",
+                "must be at least 1",
+            ));
+        }
+
         if self.heartbeat_timeout < self.heartbeat_interval {
             return Err(ConfigError::new(
                 "srm.heartbeat_timeout",

@@ -10,7 +10,8 @@
 //! - [`connection`] — one client connection, phase by phase, with `run()`.
 //! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
 //! - [`upstream`] — node addresses (host:port, DNS SRV) and node streams.
-//! - [`group`] — the redundancy group: recovery-manager state machine, probes.
+//! - [`group`] — the redundancy group: recovery-manager state machine, probes,
+//!   and the monitor that drives both and re-routes users.
 //! - [`route`] — user assignment (home node) and who serves each home now.
 //! - [`tracker`] — every user's JSM sessions, per node: the hot path.
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,

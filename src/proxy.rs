@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::connection::ClientConnection;
+use crate::group::monitor::{self, GroupHandle, GroupStatus};
 use crate::route::{Assignment, NodeIndex, Routing};
 use crate::tls::{server_tls, ServerTls};
 use crate::tracker::Tracker;
@@ -40,6 +41,12 @@ pub struct Metrics {
     pub bytes_down: AtomicU64,
     /// Node connection failures seen by the relay.
     pub node_failures: AtomicU64,
+    /// Node state transitions of the redundancy group.
+    pub group_transitions: AtomicU64,
+    /// Routing changes (a home's users moved to another node or to none).
+    pub group_moves: AtomicU64,
+    /// Streams closed because their user's home moved.
+    pub group_evictions: AtomicU64,
 }
 
 /// What every connection shares.
@@ -62,6 +69,9 @@ pub struct Shared {
     mechanisms: RwLock<Arc<Vec<String>>>,
     /// Counters.
     pub metrics: Metrics,
+    /// The redundancy group monitor: its published view, the
+    /// administrator's operations, and where relay failures are reported.
+    pub group: GroupHandle,
     next_conn: AtomicU64,
 }
 
@@ -95,6 +105,13 @@ impl Shared {
     pub fn note_node_failure(&self, node: NodeIndex) {
         self.metrics.node_failures.fetch_add(1, Ordering::Relaxed);
         debug!(node, "node connection failure");
+        self.group.note_failure(node, self.tracker.count_on(node));
+    }
+
+    /// The redundancy group's current view, updated after every change (for
+    /// the status page and the admin API).
+    pub fn group_status(&self) -> watch::Receiver<GroupStatus> {
+        self.group.subscribe()
     }
 
     /// Opens a stream to each node (concurrently, each bounded by the
@@ -196,6 +213,7 @@ impl Proxy {
                 FALLBACK_MECHANISMS.iter().map(|s| s.to_string()).collect(),
             )),
             metrics: Metrics::default(),
+            group: GroupHandle::new(&config),
             next_conn: AtomicU64::new(1),
             config,
         });
@@ -230,17 +248,10 @@ impl Proxy {
         let max = shared.config.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
 
+        // Offer the right mechanisms from the first client on; the
+        // heartbeats keep them current afterwards.
         shared.learn_mechanisms().await;
-        let refresher = {
-            let shared = shared.clone();
-            let every = shared.config.srm.heartbeat_interval;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    shared.learn_mechanisms().await;
-                }
-            })
-        };
+        let monitor = monitor::spawn(shared.clone());
 
         let mut accepts = Vec::new();
         for (listener, direct) in [(self.starttls, false), (self.direct, true)] {
@@ -261,7 +272,7 @@ impl Proxy {
         for a in &accepts {
             a.abort();
         }
-        refresher.abort();
+        monitor.abort();
         let _ = stop_tx.send(true);
         let grace = shared.config.limits.shutdown_grace;
         let drained = tokio::time::timeout(grace, slots.acquire_many(max as u32)).await;

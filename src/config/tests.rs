@@ -152,3 +152,120 @@ fn listen_table_names_exactly_the_listeners() {
     assert_eq!(c.listen.starttls, Some("127.0.0.1:5222".parse().unwrap()));
     assert_eq!(c.listen.direct_tls, None, "not named, not opened");
 }
+
+#[test]
+fn heartbeat_and_probe_defaults() {
+    let c = example();
+    assert_eq!(c.nodes[0].heartbeat, HeartbeatKind::Xmpp);
+    assert!(c.nodes[0].critical_services.is_empty());
+    assert_eq!(c.srm.probe_timeout, Duration::from_secs(5));
+    assert!(c.srm.fast_detect);
+    assert_eq!(c.srm.fast_detect_window, Duration::from_secs(2));
+    assert_eq!(c.srm.fast_detect_failures, 3);
+    assert_eq!(c.srm.monitor_user, None);
+}
+
+#[test]
+fn critical_services_parse_and_are_checked() {
+    let text = EXAMPLE.replace(
+        "address = \"127.0.0.1:15222\"\n",
+        "address = \"127.0.0.1:15222\"\nheartbeat = \"tcp\"\n\n\
+         [[nodes.critical_services]]\nname = \"Cisco XCP Router\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:7400\"\n\n\
+         [[nodes.critical_services]]\nname = \"health\"\nkind = \"http\"\ntarget = \"127.0.0.1:8080/health\"\n\n\
+         [[nodes.critical_services]]\nname = \"db\"\nkind = \"database\"\ntarget = \"db.example.com:5432\"\n",
+    );
+    let c = Config::parse(&text).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.nodes[0].heartbeat, HeartbeatKind::Tcp);
+    let s = &c.nodes[0].critical_services;
+    assert_eq!(s.len(), 3);
+    assert_eq!(s[1].kind, CriticalServiceKind::Http);
+    assert_eq!(s[2].kind, CriticalServiceKind::Database);
+    assert!(
+        c.nodes[1].critical_services.is_empty(),
+        "belong to node 1 only"
+    );
+
+    let svc = |kind, target: &str| CriticalServiceConfig {
+        name: "x".into(),
+        kind,
+        target: target.into(),
+    };
+    let e = with(|c| c.nodes[1].critical_services = vec![svc(CriticalServiceKind::Tcp, "nohost")])
+        .unwrap_err();
+    assert_eq!(e.key, "nodes[1].critical_services[0].target");
+    let e =
+        with(|c| c.nodes[0].critical_services = vec![svc(CriticalServiceKind::Tcp, "h:1/path")])
+            .unwrap_err();
+    assert_eq!(e.key, "nodes[0].critical_services[0].target");
+    assert!(e.message.contains("http"), "{}", e.message);
+    with(|c| c.nodes[0].critical_services = vec![svc(CriticalServiceKind::Http, "h:80")])
+        .expect("http without a path GETs /");
+    let e = with(|c| {
+        c.nodes[0].critical_services = vec![
+            svc(CriticalServiceKind::Tcp, "h:1"),
+            svc(CriticalServiceKind::Http, "h:2/x"),
+        ]
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "nodes[0].critical_services[1].name");
+    let e = with(|c| {
+        c.nodes[0].critical_services = vec![CriticalServiceConfig {
+            name: " ".into(),
+            ..svc(CriticalServiceKind::Tcp, "h:1")
+        }]
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "nodes[0].critical_services[0].name");
+    let text = EXAMPLE.replace(
+        "address = \"127.0.0.1:15222\"\n",
+        "address = \"127.0.0.1:15222\"\nheartbeat = \"icmp\"\n",
+    );
+    assert!(Config::parse(&text).is_err(), "unknown heartbeat kind");
+}
+
+#[test]
+fn monitor_account_required_for_login_heartbeats() {
+    let e = with(|c| c.nodes[1].heartbeat = HeartbeatKind::Login).unwrap_err();
+    assert_eq!(e.key, "srm.monitor_user");
+    assert!(e.message.contains("nodes[1].heartbeat"), "{}", e.message);
+    let e = with(|c| {
+        c.srm.auth_service_monitoring = true;
+        c.srm.monitor_user = Some("monitor".into());
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "srm.monitor_password");
+    assert!(
+        e.message.contains("auth_service_monitoring"),
+        "{}",
+        e.message
+    );
+    with(|c| {
+        c.srm.auth_service_monitoring = true;
+        c.nodes[0].heartbeat = HeartbeatKind::Login;
+        c.srm.monitor_user = Some("monitor".into());
+        c.srm.monitor_password = Some("secret".into());
+    })
+    .expect("complete monitor account");
+}
+
+#[test]
+fn probe_knobs_are_checked() {
+    let e = with(|c| c.srm.probe_timeout = Duration::ZERO).unwrap_err();
+    assert_eq!(e.key, "srm.probe_timeout");
+    let mut c = example();
+    c.srm.heartbeat_interval = Duration::from_millis(200);
+    assert_eq!(c.srm.effective_probe_timeout(), Duration::from_millis(200));
+    let e = with(|c| c.srm.fast_detect_failures = 0).unwrap_err();
+    assert_eq!(e.key, "srm.fast_detect_failures");
+    let e = with(|c| c.srm.fast_detect_window = Duration::ZERO).unwrap_err();
+    assert_eq!(e.key, "srm.fast_detect_window");
+    let text = format!(
+        "{EXAMPLE}\n[srm]\nprobe_timeout = \"300ms\"\nfast_detect = false\nfast_detect_window = \"500ms\"\n\
+         monitor_user = \"monitor\"\nmonitor_password = \"pw\"\n"
+    );
+    let c = Config::parse(&text).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.srm.probe_timeout, Duration::from_millis(300));
+    assert!(!c.srm.fast_detect);
+}

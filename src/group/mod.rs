@@ -32,10 +32,15 @@
 //! 5. routes each login by [`GroupState::serving`] and shows
 //!    [`GroupState::recommended_action`] on the status page.
 //!
+//! [`monitor`] is that driver: one task per proxy, started by
+//! [`Proxy::run`](crate::Proxy::run), publishing the group view and taking the
+//! administrator's requests through [`monitor::GroupHandle`].
+//!
 //! The observations come from [`probe`]: TCP connect, an XMPP stream that reads
 //! the node's SASL mechanisms, and an HTTP 2xx check, each bounded by a timeout.
 //! [`table`] holds the source's Table 2 texts.
 
+pub mod monitor;
 pub mod probe;
 mod state;
 pub mod table;

@@ -1,6 +1,7 @@
 //! Scenarios: every row of the source's Table 2 reproduced from events, then the
 //! timer boundaries and the administrator's preconditions. Time is tokio's paused
-//! clock; a simulated driver heartbeats the live nodes every 15 s.
+//! clock (`start_paused`, moved on with `tokio::time::advance`); a simulated
+//! driver heartbeats the live nodes every 15 s.
 
 // The simulated driver records every move itself; tests look at a step only
 // when it matters.
@@ -87,12 +88,13 @@ impl Sim {
     }
 
     /// Lets `secs` pass, polling and heartbeating the live nodes every 15 s.
-    fn run(&mut self, secs: u64) -> Step {
+    async fn run(&mut self, secs: u64) -> Step {
         let mut all = Step::default();
         let mut left = secs;
         while left > 0 {
             let d = left.min(15);
-            self.now += Duration::from_secs(d);
+            tokio::time::advance(Duration::from_secs(d)).await;
+            self.now = Instant::now();
             left -= d;
             let step = self.g.poll(self.now);
             let step = self.record(step);
@@ -136,9 +138,9 @@ impl Sim {
     }
 
     /// Automatic failover of node 1 for a critical service, completed (row 12).
-    fn critical_failed_over(&mut self) {
+    async fn critical_failed_over(&mut self) {
         self.cs(N1, false);
-        self.run(90);
+        self.run(90).await;
         self.ev(Event::MoveCompleted { node: N2, ok: true });
     }
 }
@@ -154,8 +156,8 @@ fn mv(users_of: NodeId, from: Option<NodeId>, to: Option<NodeId>, why: R) -> Mov
 
 // ---------------------------------------------------------------- Table 2 rows
 
-#[test]
-fn row_01_normal() {
+#[tokio::test(start_paused = true)]
+async fn row_01_normal() {
     let s = Sim::normal();
     s.expect(
         1,
@@ -166,8 +168,8 @@ fn row_01_normal() {
     assert!(s.moves.is_empty());
 }
 
-#[test]
-fn row_02_manual_failover_in_progress() {
+#[tokio::test(start_paused = true)]
+async fn row_02_manual_failover_in_progress() {
     let mut s = Sim::normal();
     let step = s.ev(Event::AdminFailover(N1));
     s.expect(
@@ -180,8 +182,8 @@ fn row_02_manual_failover_in_progress() {
     assert_eq!(s.g.move_in_progress(), Some(N2));
 }
 
-#[test]
-fn row_03_manual_failover_complete_idle_backup() {
+#[tokio::test(start_paused = true)]
+async fn row_03_manual_failover_complete_idle_backup() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.expect(
@@ -193,8 +195,8 @@ fn row_03_manual_failover_complete_idle_backup() {
     assert_eq!(s.g.move_in_progress(), None);
 }
 
-#[test]
-fn row_04_manual_fallback_in_progress() {
+#[tokio::test(start_paused = true)]
+async fn row_04_manual_fallback_in_progress() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     let step = s.ev(Event::AdminFallback(N1));
@@ -214,8 +216,8 @@ fn row_04_manual_fallback_in_progress() {
     );
 }
 
-#[test]
-fn row_05_srm_restarted_on_idle_node() {
+#[tokio::test(start_paused = true)]
+async fn row_05_srm_restarted_on_idle_node() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.ev(Event::SrmRestarted(N1));
@@ -227,8 +229,8 @@ fn row_05_srm_restarted_on_idle_node() {
     );
 }
 
-#[test]
-fn row_06_both_restarted_in_manual_failover() {
+#[tokio::test(start_paused = true)]
+async fn row_06_both_restarted_in_manual_failover() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.ev(Event::SrmRestarted(N1));
@@ -240,15 +242,15 @@ fn row_06_both_restarted_in_manual_failover() {
         [Some(N2), Some(N2)],
     );
     // Still a manual failover: nothing falls back by itself.
-    s.run(3600);
+    s.run(3600).await;
     assert_eq!(s.g.state(N1).0, S::Idle);
 }
 
-#[test]
-fn row_07_srm_restarted_on_backup() {
+#[tokio::test(start_paused = true)]
+async fn row_07_srm_restarted_on_backup() {
     let mut s = Sim::normal();
     s.admin_failed_over();
-    s.run(30);
+    s.run(30).await;
     s.ev(Event::SrmRestarted(N2));
     s.expect(
         7,
@@ -258,8 +260,8 @@ fn row_07_srm_restarted_on_backup() {
     );
 }
 
-#[test]
-fn row_08_srm_restarted_on_node_taking_over() {
+#[tokio::test(start_paused = true)]
+async fn row_08_srm_restarted_on_node_taking_over() {
     let mut s = Sim::normal();
     s.ev(Event::AdminFailover(N1));
     s.ev(Event::SrmRestarted(N2));
@@ -279,8 +281,8 @@ fn row_08_srm_restarted_on_node_taking_over() {
     );
 }
 
-#[test]
-fn row_09_srm_restarted_on_node_taking_back() {
+#[tokio::test(start_paused = true)]
+async fn row_09_srm_restarted_on_node_taking_back() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.ev(Event::AdminFallback(N1));
@@ -296,16 +298,16 @@ fn row_09_srm_restarted_on_node_taking_back() {
     assert_eq!(s.states(), [(S::Normal, R::Normal), (S::Normal, R::Normal)]);
 }
 
-#[test]
-fn row_10_automatic_fallback_in_progress() {
+#[tokio::test(start_paused = true)]
+async fn row_10_automatic_fallback_in_progress() {
     let mut s = Sim::with(GroupParams {
         auto_fallback: true,
         ..GroupParams::default()
     });
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
     assert_eq!(s.g.state(N1), (S::FailedOver, R::CriticalServiceDown));
-    let step = s.run(30 * 60);
+    let step = s.run(30 * 60).await;
     s.expect(
         10,
         (S::TakingBack, R::AutomaticFallback),
@@ -320,11 +322,11 @@ fn row_10_automatic_fallback_in_progress() {
     assert_eq!(s.states(), [(S::Normal, R::Normal), (S::Normal, R::Normal)]);
 }
 
-#[test]
-fn row_11_failed_over_services_running_again() {
+#[tokio::test(start_paused = true)]
+async fn row_11_failed_over_services_running_again() {
     // (a) Node 1 is restarted and comes back with its critical services running.
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.ev(Event::NodeShutdown(N1));
     s.alive[0] = false;
     assert_eq!(s.g.state(N1), (S::Down, R::None));
@@ -332,7 +334,7 @@ fn row_11_failed_over_services_running_again() {
         s.g.state(N2),
         (S::RunningInBackupMode, R::CriticalServiceDown)
     );
-    s.run(300);
+    s.run(300).await;
     s.cs(N1, true);
     s.alive[0] = true;
     s.ev(Event::HeartbeatOk(N1));
@@ -345,8 +347,8 @@ fn row_11_failed_over_services_running_again() {
 
     // (b) The administrator starts the critical services on node 1.
     let mut s = Sim::normal();
-    s.critical_failed_over();
-    s.run(120);
+    s.critical_failed_over().await;
+    s.run(120).await;
     s.cs(N1, true);
     s.expect(
         11,
@@ -360,11 +362,11 @@ fn row_11_failed_over_services_running_again() {
     assert_eq!(s.states(), [(S::Normal, R::Normal), (S::Normal, R::Normal)]);
 }
 
-#[test]
-fn row_12_critical_service_down_automatic_failover() {
+#[tokio::test(start_paused = true)]
+async fn row_12_critical_service_down_automatic_failover() {
     let mut s = Sim::normal();
     s.cs(N1, false);
-    let step = s.run(90);
+    let step = s.run(90).await;
     assert_eq!(
         s.states(),
         [
@@ -388,14 +390,14 @@ fn row_12_critical_service_down_automatic_failover() {
     );
 }
 
-#[test]
-fn row_13_database_failure_automatic_failover() {
+#[tokio::test(start_paused = true)]
+async fn row_13_database_failure_automatic_failover() {
     let mut s = Sim::normal();
     s.ev(Event::Database {
         node: N1,
         ok: false,
     });
-    s.run(90);
+    s.run(90).await;
     s.ev(Event::MoveCompleted { node: N2, ok: true });
     s.expect(
         13,
@@ -405,17 +407,17 @@ fn row_13_database_failure_automatic_failover() {
     );
 }
 
-#[test]
-fn row_14_start_critical_services_failed_during_takeback() {
+#[tokio::test(start_paused = true)]
+async fn row_14_start_critical_services_failed_during_takeback() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
     s.ev(Event::AdminFallback(N1));
     // Restarting, a critical service does not come up within the delay.
     s.cs(N1, false);
-    s.run(89);
+    s.run(89).await;
     assert_eq!(s.g.state(N1).0, S::TakingBack);
-    s.run(1);
+    s.run(1).await;
     s.expect(
         14,
         (S::RunningInFailedMode, R::StartCriticalServicesFailed),
@@ -433,12 +435,12 @@ fn row_14_start_critical_services_failed_during_takeback() {
     );
 }
 
-#[test]
-fn row_15_critical_service_down_on_backup() {
+#[tokio::test(start_paused = true)]
+async fn row_15_critical_service_down_on_backup() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.cs(N2, false);
-    s.run(90);
+    s.run(90).await;
     s.expect(
         15,
         (S::RunningInFailedMode, R::CriticalServiceDown),
@@ -447,11 +449,11 @@ fn row_15_critical_service_down_on_backup() {
     );
 }
 
-#[test]
-fn row_16_peer_down_running_in_backup_mode() {
+#[tokio::test(start_paused = true)]
+async fn row_16_peer_down_running_in_backup_mode() {
     let mut s = Sim::normal();
     s.alive[0] = false;
-    let step = s.run(60);
+    let step = s.run(60).await;
     assert_eq!(s.g.state(N1), (S::Down, R::None));
     assert_eq!(s.g.state(N2), (S::TakingOver, R::PeerDown));
     assert_eq!(step.moves, [mv(N1, Some(N1), Some(N2), R::PeerDown)]);
@@ -469,8 +471,8 @@ fn row_16_peer_down_running_in_backup_mode() {
     assert_eq!(s.serving(), [Some(N2), Some(N2)]);
 }
 
-#[test]
-fn row_17_peer_reboot_running_in_backup_mode() {
+#[tokio::test(start_paused = true)]
+async fn row_17_peer_reboot_running_in_backup_mode() {
     let mut s = Sim::normal();
     s.alive[0] = false;
     let step = s.ev(Event::NodeShutdown(N1));
@@ -484,13 +486,13 @@ fn row_17_peer_reboot_running_in_backup_mode() {
     );
 }
 
-#[test]
-fn row_18_peer_down_during_initialization() {
+#[tokio::test(start_paused = true)]
+async fn row_18_peer_down_during_initialization() {
     for services_up in [true, false] {
         let mut s = Sim::fresh(GroupParams::default());
         s.alive[0] = false;
         s.ev(Event::HeartbeatOk(N2));
-        s.run(120);
+        s.run(120).await;
         assert_eq!(
             s.g.state(N2),
             (S::TakingOver, R::PeerDownDuringInitialization)
@@ -522,8 +524,8 @@ fn row_18_peer_down_during_initialization() {
     }
 }
 
-#[test]
-fn row_19_takeover_users_failed() {
+#[tokio::test(start_paused = true)]
+async fn row_19_takeover_users_failed() {
     let mut s = Sim::normal();
     s.ev(Event::AdminFailover(N1));
     s.ev(Event::MoveCompleted {
@@ -538,8 +540,8 @@ fn row_19_takeover_users_failed() {
     );
 }
 
-#[test]
-fn row_20_takeback_users_failed() {
+#[tokio::test(start_paused = true)]
+async fn row_20_takeback_users_failed() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.ev(Event::AdminFallback(N1));
@@ -555,8 +557,8 @@ fn row_20_takeback_users_failed() {
     );
 }
 
-#[test]
-fn row_21_srm_restarted_while_peer_failed() {
+#[tokio::test(start_paused = true)]
+async fn row_21_srm_restarted_while_peer_failed() {
     let mut s = Sim::normal();
     s.ev(Event::AdminFailover(N1));
     s.ev(Event::MoveCompleted {
@@ -580,16 +582,16 @@ fn row_21_srm_restarted_while_peer_failed() {
     );
 }
 
-#[test]
-fn row_22_auto_recover_database_failure_on_backup() {
+#[tokio::test(start_paused = true)]
+async fn row_22_auto_recover_database_failure_on_backup() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
     s.ev(Event::Database {
         node: N2,
         ok: false,
     });
-    let step = s.run(90);
+    let step = s.run(90).await;
     s.expect(
         22,
         (S::BackupActivated, R::AutoRecoverDatabaseFailure),
@@ -615,13 +617,13 @@ fn row_22_auto_recover_database_failure_on_backup() {
     assert_eq!(s.states(), [(S::Normal, R::Normal), (S::Normal, R::Normal)]);
 }
 
-#[test]
-fn row_23_auto_recover_critical_service_down_on_backup() {
+#[tokio::test(start_paused = true)]
+async fn row_23_auto_recover_critical_service_down_on_backup() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
     s.cs(N2, false);
-    s.run(90);
+    s.run(90).await;
     s.expect(
         23,
         (S::BackupActivated, R::AutoRecoverDatabaseFailure),
@@ -633,8 +635,8 @@ fn row_23_auto_recover_critical_service_down_on_backup() {
     );
 }
 
-#[test]
-fn row_24_unknown() {
+#[tokio::test(start_paused = true)]
+async fn row_24_unknown() {
     let mut s = Sim::normal();
     s.ev(Event::StatusUnknown(N1));
     s.ev(Event::StatusUnknown(N2));
@@ -660,71 +662,71 @@ fn every_row_has_advice() {
 
 // ------------------------------------------------------------------ timers
 
-#[test]
-fn heartbeat_timeout_boundary() {
+#[tokio::test(start_paused = true)]
+async fn heartbeat_timeout_boundary() {
     let mut s = Sim::normal();
     s.alive[0] = false;
-    s.run(59);
+    s.run(59).await;
     assert_eq!(s.g.state(N1), (S::Normal, R::Normal));
     assert_eq!(s.g.next_deadline(), Some(s.now + Duration::from_secs(1)));
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1), (S::Down, R::None));
     assert_eq!(s.g.state(N2), (S::TakingOver, R::PeerDown));
 }
 
-#[test]
-fn heartbeat_timeout_while_initializing_is_120_s() {
+#[tokio::test(start_paused = true)]
+async fn heartbeat_timeout_while_initializing_is_120_s() {
     let mut s = Sim::fresh(GroupParams::default());
     s.alive[0] = false;
     s.ev(Event::HeartbeatOk(N2));
-    s.run(119);
+    s.run(119).await;
     assert_eq!(s.g.state(N1), (S::Initializing, R::Initialization));
     assert_eq!(s.g.state(N2), (S::Initializing, R::Initialization));
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1), (S::Down, R::None));
 }
 
-#[test]
-fn single_missed_heartbeat_changes_nothing() {
+#[tokio::test(start_paused = true)]
+async fn single_missed_heartbeat_changes_nothing() {
     let mut s = Sim::normal();
     let step = s.ev(Event::HeartbeatFailed(N1));
     assert!(step.is_empty());
-    s.run(300);
+    s.run(300).await;
     assert_eq!(s.g.table_row(), Some(1));
 }
 
-#[test]
-fn critical_service_delay_boundary() {
+#[tokio::test(start_paused = true)]
+async fn critical_service_delay_boundary() {
     let mut s = Sim::normal();
     s.cs(N1, false);
-    s.run(89);
+    s.run(89).await;
     assert_eq!(s.g.state(N1), (S::Normal, R::Normal));
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1), (S::FailingOver, R::CriticalServiceDown));
 }
 
-#[test]
-fn critical_service_flap_restarts_the_delay() {
+#[tokio::test(start_paused = true)]
+async fn critical_service_flap_restarts_the_delay() {
     let mut s = Sim::normal();
     s.cs(N1, false);
-    s.run(60);
+    s.run(60).await;
     s.cs(N1, true);
-    s.run(10);
+    s.run(10).await;
     s.cs(N1, false);
-    s.run(89);
+    s.run(89).await;
     assert_eq!(s.g.state(N1).0, S::Normal);
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1).0, S::FailingOver);
 }
 
-#[test]
-fn auth_service_counts_only_when_monitored() {
+#[tokio::test(start_paused = true)]
+async fn auth_service_counts_only_when_monitored() {
     let mut s = Sim::normal();
     s.ev(Event::AuthService {
         node: N1,
         ok: false,
     });
-    s.run(600);
+    s.run(600).await;
     assert_eq!(s.g.state(N1).0, S::Normal);
 
     let mut s = Sim::with(GroupParams {
@@ -735,12 +737,12 @@ fn auth_service_counts_only_when_monitored() {
         node: N1,
         ok: false,
     });
-    s.run(90);
+    s.run(90).await;
     assert_eq!(s.g.state(N1), (S::FailingOver, R::CriticalServiceDown));
 }
 
-#[test]
-fn connections_lost_fails_over_at_once() {
+#[tokio::test(start_paused = true)]
+async fn connections_lost_fails_over_at_once() {
     let mut s = Sim::normal();
     s.alive[0] = false;
     let step = s.ev(Event::ConnectionsLost(N1));
@@ -748,76 +750,76 @@ fn connections_lost_fails_over_at_once() {
     assert_eq!(s.g.state(N2), (S::TakingOver, R::PeerDown));
 }
 
-#[test]
-fn next_deadline_tracks_the_earliest_timer() {
+#[tokio::test(start_paused = true)]
+async fn next_deadline_tracks_the_earliest_timer() {
     let mut s = Sim::normal();
     let t0 = s.now;
     assert_eq!(s.g.next_deadline(), Some(t0 + Duration::from_secs(60)));
-    s.run(15);
+    s.run(15).await;
     s.cs(N1, false);
     assert_eq!(s.g.next_deadline(), Some(t0 + Duration::from_secs(75)));
 }
 
 // ------------------------------------------------------- automatic fallback
 
-#[test]
-fn auto_fallback_after_30_minutes_only_when_enabled() {
+#[tokio::test(start_paused = true)]
+async fn auto_fallback_after_30_minutes_only_when_enabled() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
-    s.run(3 * 3600);
+    s.run(3 * 3600).await;
     assert_eq!(s.g.state(N1), (S::FailedOver, R::CriticalServiceDown));
 
     let mut s = Sim::with(GroupParams {
         auto_fallback: true,
         ..GroupParams::default()
     });
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
-    s.run(30 * 60 - 1);
+    s.run(30 * 60 - 1).await;
     assert_eq!(s.g.state(N1).0, S::FailedOver);
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1), (S::TakingBack, R::AutomaticFallback));
 }
 
-#[test]
-fn auto_fallback_waits_for_uninterrupted_health() {
+#[tokio::test(start_paused = true)]
+async fn auto_fallback_waits_for_uninterrupted_health() {
     let mut s = Sim::with(GroupParams {
         auto_fallback: true,
         ..GroupParams::default()
     });
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
-    s.run(20 * 60);
+    s.run(20 * 60).await;
     s.cs(N1, false);
-    s.run(30);
+    s.run(30).await;
     s.cs(N1, true);
-    s.run(30 * 60 - 1);
+    s.run(30 * 60 - 1).await;
     assert_eq!(s.g.state(N1).0, S::FailedOver);
-    s.run(1);
+    s.run(1).await;
     assert_eq!(s.g.state(N1).0, S::TakingBack);
 }
 
-#[test]
-fn no_auto_fallback_from_idle() {
+#[tokio::test(start_paused = true)]
+async fn no_auto_fallback_from_idle() {
     let mut s = Sim::with(GroupParams {
         auto_fallback: true,
         ..GroupParams::default()
     });
     s.admin_failed_over();
-    s.run(2 * 3600);
+    s.run(2 * 3600).await;
     assert_eq!(s.g.state(N1), (S::Idle, R::OnAdminRequest));
 }
 
 // ---------------------------------------------------- administrator requests
 
-#[test]
-fn manual_failover_then_fallback_both_normal() {
+#[tokio::test(start_paused = true)]
+async fn manual_failover_then_fallback_both_normal() {
     let mut s = Sim::normal();
     assert!(s.g.can_add_users());
     s.admin_failed_over();
     assert!(!s.g.can_add_users());
-    s.run(600);
+    s.run(600).await;
     s.ev(Event::AdminFallback(N1));
     assert!(!s.g.can_add_users());
     s.ev(Event::MoveCompleted { node: N1, ok: true });
@@ -841,8 +843,8 @@ fn manual_failover_then_fallback_both_normal() {
     );
 }
 
-#[test]
-fn fallback_refused_when_not_failed_over() {
+#[tokio::test(start_paused = true)]
+async fn fallback_refused_when_not_failed_over() {
     let mut s = Sim::normal();
     let err = s.try_ev(Event::AdminFallback(N1)).unwrap_err();
     assert_eq!(
@@ -862,21 +864,21 @@ fn fallback_refused_when_not_failed_over() {
     ));
 }
 
-#[test]
-fn fallback_refused_while_critical_services_down() {
+#[tokio::test(start_paused = true)]
+async fn fallback_refused_while_critical_services_down() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     assert_eq!(
         s.try_ev(Event::AdminFallback(N1)),
         Err(Rejected::CriticalServicesNotRunning { node: N1 })
     );
 }
 
-#[test]
-fn fallback_refused_to_a_down_node() {
+#[tokio::test(start_paused = true)]
+async fn fallback_refused_to_a_down_node() {
     let mut s = Sim::normal();
     s.alive[0] = false;
-    s.run(60);
+    s.run(60).await;
     s.ev(Event::MoveCompleted { node: N2, ok: true });
     assert_eq!(
         s.try_ev(Event::AdminFallback(N1)),
@@ -884,8 +886,8 @@ fn fallback_refused_to_a_down_node() {
     );
 }
 
-#[test]
-fn recovery_refused_unless_both_failed() {
+#[tokio::test(start_paused = true)]
+async fn recovery_refused_unless_both_failed() {
     let mut s = Sim::normal();
     assert_eq!(
         s.try_ev(Event::AdminRecovery),
@@ -901,8 +903,8 @@ fn recovery_refused_unless_both_failed() {
     ));
 }
 
-#[test]
-fn failover_refused_without_high_availability() {
+#[tokio::test(start_paused = true)]
+async fn failover_refused_without_high_availability() {
     let mut s = Sim::with(GroupParams {
         high_availability: false,
         ..GroupParams::default()
@@ -913,8 +915,8 @@ fn failover_refused_without_high_availability() {
     );
 }
 
-#[test]
-fn failover_refused_when_peer_unhealthy_or_busy() {
+#[tokio::test(start_paused = true)]
+async fn failover_refused_when_peer_unhealthy_or_busy() {
     let mut s = Sim::normal();
     s.cs(N2, false);
     assert_eq!(
@@ -937,8 +939,8 @@ fn failover_refused_when_peer_unhealthy_or_busy() {
     );
 }
 
-#[test]
-fn stale_move_confirmation_refused() {
+#[tokio::test(start_paused = true)]
+async fn stale_move_confirmation_refused() {
     let mut s = Sim::normal();
     assert_eq!(
         s.try_ev(Event::MoveCompleted { node: N2, ok: true }),
@@ -953,15 +955,15 @@ fn stale_move_confirmation_refused() {
 
 // ----------------------------------------------------- high availability off
 
-#[test]
-fn high_availability_off_reports_but_moves_nobody() {
+#[tokio::test(start_paused = true)]
+async fn high_availability_off_reports_but_moves_nobody() {
     let mut s = Sim::with(GroupParams {
         high_availability: false,
         ..GroupParams::default()
     });
     s.cs(N2, false);
     s.alive[0] = false;
-    s.run(600);
+    s.run(600).await;
     assert_eq!(s.g.state(N1), (S::Down, R::None));
     assert_eq!(s.g.state(N2), (S::Normal, R::Normal));
     assert_eq!(s.serving(), [None, Some(N2)]);
@@ -975,25 +977,25 @@ fn high_availability_off_reports_but_moves_nobody() {
     assert_eq!(s.serving(), [Some(N1), Some(N2)]);
 }
 
-#[test]
-fn enabling_high_availability_fails_over_a_dead_node() {
+#[tokio::test(start_paused = true)]
+async fn enabling_high_availability_fails_over_a_dead_node() {
     let mut s = Sim::with(GroupParams {
         high_availability: false,
         ..GroupParams::default()
     });
     s.alive[0] = false;
-    s.run(120);
+    s.run(120).await;
     let step = s.ev(Event::SetHighAvailability(true));
     assert_eq!(step.moves, [mv(N1, None, Some(N2), R::PeerDown)]);
     assert_eq!(s.g.state(N2), (S::TakingOver, R::PeerDown));
 }
 
-#[test]
-fn both_nodes_failing_enter_failed_state() {
+#[tokio::test(start_paused = true)]
+async fn both_nodes_failing_enter_failed_state() {
     let mut s = Sim::normal();
     s.cs(N1, false);
     s.cs(N2, false);
-    s.run(90);
+    s.run(90).await;
     assert_eq!(
         s.states(),
         [
@@ -1006,13 +1008,13 @@ fn both_nodes_failing_enter_failed_state() {
 
 // ------------------------------------------------------ backup loss, modes
 
-#[test]
-fn backup_down_failed_over_node_takes_everyone() {
+#[tokio::test(start_paused = true)]
+async fn backup_down_failed_over_node_takes_everyone() {
     let mut s = Sim::normal();
-    s.critical_failed_over();
+    s.critical_failed_over().await;
     s.cs(N1, true);
     s.alive[1] = false;
-    s.run(60);
+    s.run(60).await;
     assert_eq!(s.g.state(N2), (S::Down, R::None));
     assert_eq!(s.g.state(N1), (S::TakingOver, R::PeerDown));
     assert_eq!(s.serving(), [Some(N1), Some(N1)]);
@@ -1025,12 +1027,12 @@ fn backup_down_failed_over_node_takes_everyone() {
     );
 }
 
-#[test]
-fn backup_down_nobody_left() {
+#[tokio::test(start_paused = true)]
+async fn backup_down_nobody_left() {
     let mut s = Sim::normal();
     s.admin_failed_over();
     s.alive[1] = false;
-    s.run(60);
+    s.run(60).await;
     assert_eq!(s.g.state(N2), (S::Down, R::None));
     assert_eq!(s.g.state(N1), (S::Idle, R::OnAdminRequest));
     assert_eq!(s.serving(), [None, None]);
@@ -1041,15 +1043,15 @@ fn backup_down_nobody_left() {
     assert_eq!(s.serving(), [Some(N2), Some(N2)]);
 }
 
-#[test]
-fn active_standby_standby_failure_moves_nobody() {
+#[tokio::test(start_paused = true)]
+async fn active_standby_standby_failure_moves_nobody() {
     let mut s = Sim::with(GroupParams {
         assignment: Assignment::ActiveStandby,
         ..GroupParams::default()
     });
     assert_eq!(s.serving(), [Some(N1), None]);
     s.cs(N2, false);
-    s.run(90);
+    s.run(90).await;
     assert!(s.moves.is_empty());
     assert_eq!(s.g.move_in_progress(), None);
     assert_eq!(
@@ -1074,8 +1076,8 @@ fn active_standby_standby_failure_moves_nobody() {
     assert_eq!(s.serving(), [Some(N2), None]);
 }
 
-#[test]
-fn assignment_none_serves_nobody() {
+#[tokio::test(start_paused = true)]
+async fn assignment_none_serves_nobody() {
     let mut s = Sim::with(GroupParams {
         assignment: Assignment::None,
         ..GroupParams::default()
@@ -1093,11 +1095,11 @@ fn assignment_none_serves_nobody() {
     );
 }
 
-#[test]
-fn srm_restart_reported_for_a_down_node_brings_it_back() {
+#[tokio::test(start_paused = true)]
+async fn srm_restart_reported_for_a_down_node_brings_it_back() {
     let mut s = Sim::normal();
     s.alive[0] = false;
-    s.run(60);
+    s.run(60).await;
     s.ev(Event::MoveCompleted { node: N2, ok: true });
     s.alive[0] = true;
     s.ev(Event::SrmRestarted(N1));
@@ -1108,15 +1110,15 @@ fn srm_restart_reported_for_a_down_node_brings_it_back() {
     assert_eq!(s.serving(), [Some(N1), Some(N2)]);
 }
 
-#[test]
-fn backup_failing_during_takeover_fails_the_group() {
+#[tokio::test(start_paused = true)]
+async fn backup_failing_during_takeover_fails_the_group() {
     let mut s = Sim::normal();
     s.ev(Event::AdminFailover(N1));
     s.ev(Event::Database {
         node: N2,
         ok: false,
     });
-    s.run(90);
+    s.run(90).await;
     assert_eq!(
         s.states(),
         [
@@ -1130,15 +1132,15 @@ fn backup_failing_during_takeover_fails_the_group() {
     assert_eq!(s.g.table_row(), Some(1));
 }
 
-#[test]
-fn advice_outside_the_table_is_never_empty() {
+#[tokio::test(start_paused = true)]
+async fn advice_outside_the_table_is_never_empty() {
     let mut s = Sim::fresh(GroupParams::default());
     assert_eq!(s.g.table_row(), None);
     assert!(s.g.recommended_action().contains("initializing"));
     s.ev(Event::HeartbeatOk(N1));
     s.ev(Event::HeartbeatOk(N2));
     s.alive[1] = false;
-    s.run(60);
+    s.run(60).await;
     assert_eq!(s.g.state(N1), (S::TakingOver, R::PeerDown));
     assert!(!s.g.recommended_action().is_empty());
 }
