@@ -125,7 +125,7 @@ SUMMARY=""      # the final "<N> passed, <M> failed" line
 print_logs() {
     local f
     [ -n "$TMP" ] && [ -d "$TMP" ] || return 0
-    for f in "$TMP"/proxy.log "$TMP"/node1/prosody.log "$TMP"/node2/prosody.log \
+    for f in "$TMP"/proxy.log "$TMP"/proxy2.log "$TMP"/node1/prosody.log "$TMP"/node2/prosody.log \
         "$TMP"/node1/stderr.log "$TMP"/node2/stderr.log; do
         [ -s "$f" ] || continue
         echo "----- tail of $f -----" >&2
@@ -278,7 +278,24 @@ direct_tls = "127.0.0.1:$direct"
 [tls]
 cert = "$CERT"
 key = "$KEY"
+
+# Short timers, so that the failover checks finish in seconds.
+[srm]
+heartbeat_interval = "1s"
+heartbeat_timeout = "5s"
+initial_heartbeat_timeout = "10s"
 EOF
+}
+
+start_proxy() {
+    local logfile=$1
+    write_proxy_config "$TMP/proxy.toml" "$NODE1_PORT" "$NODE2_PORT" "$STARTTLS_PORT" "$DIRECT_TLS_PORT"
+    log "starting $PROXY_BIN run --config $TMP/proxy.toml"
+    NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$PROXY_BIN" run --config "$TMP/proxy.toml" >"$logfile" 2>&1 &
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_port "$STARTTLS_PORT" "prg-proxy (STARTTLS listener)" "$PROXY_PID" 30
+    wait_port "$DIRECT_TLS_PORT" "prg-proxy (direct TLS listener)" "$PROXY_PID" 10
 }
 
 # ---------------------------------------------------------------- main
@@ -328,13 +345,7 @@ start_prosody node2 "$NODE2_PORT"
 
 CLIENT_ARGS=(--domain example.com --timeout "$CHECK_TIMEOUT")
 if [ "$MODE" = proxy ]; then
-    write_proxy_config "$TMP/proxy.toml" "$NODE1_PORT" "$NODE2_PORT" "$STARTTLS_PORT" "$DIRECT_TLS_PORT"
-    log "starting $PROXY_BIN run --config $TMP/proxy.toml"
-    NO_COLOR=1 RUST_LOG="${RUST_LOG:-info}" "$PROXY_BIN" run --config "$TMP/proxy.toml" >"$TMP/proxy.log" 2>&1 &
-    PROXY_PID=$!
-    PIDS+=("$PROXY_PID")
-    wait_port "$STARTTLS_PORT" "prg-proxy (STARTTLS listener)" "$PROXY_PID" 30
-    wait_port "$DIRECT_TLS_PORT" "prg-proxy (direct TLS listener)" "$PROXY_PID" 10
+    start_proxy "$TMP/proxy.log"
     log "prg-proxy: STARTTLS on 127.0.0.1:$STARTTLS_PORT, direct TLS on 127.0.0.1:$DIRECT_TLS_PORT"
     CLIENT_ARGS+=(--host 127.0.0.1 --port "$STARTTLS_PORT" --direct-tls-port "$DIRECT_TLS_PORT")
     if [ -f "$CA" ]; then
@@ -388,6 +399,40 @@ check_routing() {
 }
 if [ "$MODE" = proxy ]; then
     check_routing
+fi
+
+# Failover: node 1 crashes (SIGKILL), then, on a fresh node 1 and proxy,
+# node 1 hangs silently (SIGSTOP). Each time the proxy must reach the
+# "node lost from the network" row and move node 1's users to node 2.
+failover_phase() {
+    local sig=$1 logfile=$2
+    set +e
+    "$PY" "$HERE/failover.py" --port "$STARTTLS_PORT" --domain example.com \
+        ${CA:+--ca "$CA"} --signal "$sig" --timeout "$CHECK_TIMEOUT" \
+        --node1-pidfile "$TMP/node1/prosody.pid" --node2-log "$TMP/node2/prosody.log" \
+        --proxy-log "$logfile" | tee -a "$OUT"
+    set -e
+}
+restart_node1_and_proxy() {
+    local pid
+    kill "$PROXY_PID" 2>/dev/null || true
+    wait_exit "$PROXY_PID" 100 || kill -9 "$PROXY_PID" 2>/dev/null || true
+    pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+        kill -CONT "$pid" 2>/dev/null || true
+        kill -9 "$pid" 2>/dev/null || true
+        wait_exit "$pid" 50 || true
+    fi
+    rm -f "$TMP/node1/prosody.pid"
+    start_prosody node1 "$NODE1_PORT"
+    start_proxy "$TMP/proxy2.log"
+    "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 60 ||
+        die "prg-proxy offers no SASL mechanisms after the restart"
+}
+if [ "$MODE" = proxy ]; then
+    failover_phase KILL "$TMP/proxy.log"
+    restart_node1_and_proxy
+    failover_phase STOP "$TMP/proxy2.log"
 fi
 
 PASSED=$(grep -c '^PASS ' "$OUT" || true)
