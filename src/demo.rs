@@ -11,7 +11,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::config::Config;
+use crate::group::monitor::GroupStatus;
+use crate::group::{NodeId, NodeState};
 use crate::proxy::Proxy;
+use crate::proxy::Shared;
 use crate::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
 
 const DOMAIN: &str = "example.com";
@@ -86,6 +89,11 @@ direct_tls = "127.0.0.1:0"
 [tls]
 cert = "{cert}"
 key = "{key}"
+
+[srm]
+heartbeat_interval = "500ms"
+heartbeat_timeout = "3s"
+initial_heartbeat_timeout = "5s"
 "#,
         n1 = pair.nodes[0].addr(),
         n2 = pair.nodes[1].addr(),
@@ -252,6 +260,90 @@ key = "{key}"
         m.logins_routed.load(Relaxed)
     ));
 
+    step("failover: node imp1 crashes");
+    let mut status = shared.group.subscribe();
+    wait_status(&mut status, |s| both(s, NodeState::Normal)).await?;
+    show_group(&shared.group.current());
+    let t0 = std::time::Instant::now();
+    pair.nodes[0].kill();
+    let st = wait_status(&mut status, |s| {
+        s.state(NodeId::Node2).0 == NodeState::RunningInBackupMode
+    })
+    .await?;
+    say(format!("detected in {:?}", t0.elapsed()));
+    show_group(&st);
+    for (user, c) in clients.iter_mut().filter(|(u, _)| *u != "dave") {
+        match c.wait_for(WAIT, |_| false).await {
+            Err(crate::sim::ClientError::StreamError {
+                condition, text, ..
+            }) => say(format!(
+                "{user} was told <{condition}/>: {}",
+                text.unwrap_or_default()
+            )),
+            other => return Err(format!("{user} expected a stream error, got {other:?}")),
+        }
+    }
+    clients.retain(|(u, _)| *u == "dave");
+    let relogin = |user: &'static str| {
+        let tls = ClientTls::StartTls {
+            config: client_tls.clone(),
+            server_name: DOMAIN.into(),
+        };
+        async move {
+            let mut c = SimClient::connect(starttls, DOMAIN, tls)
+                .await
+                .map_err(|x| format!("{user}: {x}"))?;
+            c.login(user, "pw", "SCRAM-SHA-1")
+                .await
+                .map_err(|x| format!("{user}: {x}"))?;
+            c.bind("desk").await.map_err(|x| format!("{user}: {x}"))?;
+            Ok::<_, String>(c)
+        }
+    };
+    let alice = relogin("alice").await?;
+    say(format!(
+        "alice logs in again → bound on {}",
+        bound_on(&shared, "alice@example.com")
+    ));
+    clients.push(("alice", alice));
+    if let Err(e) = shared.group.can_add_users() {
+        say(format!("adding users now is refused: {e}"));
+    }
+
+    step("fallback: imp1 is back, the administrator falls back");
+    pair.nodes[0]
+        .restart()
+        .await
+        .map_err(|x| format!("restart imp1: {x}"))?;
+    let st = wait_status(&mut status, |s| {
+        s.state(NodeId::Node1).0 == NodeState::FailedOver
+    })
+    .await?;
+    show_group(&st);
+    shared
+        .group
+        .fallback(0)
+        .await
+        .map_err(|x| format!("fallback: {x}"))?;
+    let st = wait_status(&mut status, |s| both(s, NodeState::Normal)).await?;
+    show_group(&st);
+    if let Some((_, c)) = clients.iter_mut().find(|(u, _)| *u == "alice") {
+        if let Err(crate::sim::ClientError::StreamError { condition, .. }) =
+            c.wait_for(WAIT, |_| false).await
+        {
+            say(format!(
+                "alice (served by imp2 until now) was told <{condition}/>"
+            ));
+        }
+    }
+    clients.retain(|(u, _)| *u == "dave");
+    let alice = relogin("alice").await?;
+    say(format!(
+        "alice logs in again → bound on {}",
+        bound_on(&shared, "alice@example.com")
+    ));
+    clients.push(("alice", alice));
+
     step("graceful shutdown");
     let _ = stop_tx.send(());
     for (user, c) in clients.iter_mut() {
@@ -267,4 +359,50 @@ key = "{key}"
     let _ = std::fs::remove_dir_all(&dir);
     println!("\ndemo complete");
     Ok(())
+}
+
+fn both(s: &GroupStatus, state: NodeState) -> bool {
+    s.state(NodeId::Node1).0 == state && s.state(NodeId::Node2).0 == state
+}
+
+/// Waits (bounded) until the group status satisfies `pred`.
+async fn wait_status(
+    rx: &mut tokio::sync::watch::Receiver<GroupStatus>,
+    pred: impl Fn(&GroupStatus) -> bool,
+) -> Result<GroupStatus, String> {
+    let r = tokio::time::timeout(Duration::from_secs(30), async {
+        rx.wait_for(|s| pred(s)).await.map(|s| s.clone())
+    })
+    .await;
+    match r {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(_)) => Err("the group monitor stopped".into()),
+        Err(_) => Err(format!(
+            "group state not reached; now {:?}",
+            rx.borrow().nodes
+        )),
+    }
+}
+
+fn show_group(s: &GroupStatus) {
+    for n in &s.nodes {
+        say(format!(
+            "{} {:<5} {} ({})",
+            n.id,
+            n.name.as_deref().unwrap_or("-"),
+            n.state,
+            n.reason
+        ));
+    }
+    if !s.recommended_action.is_empty() {
+        say(format!("recommended action: {}", s.recommended_action));
+    }
+}
+
+fn bound_on(shared: &Shared, bare: &str) -> &'static str {
+    shared
+        .tracker
+        .lookup(bare)
+        .and_then(|u| u.sessions.first().map(|s| s.node))
+        .map_or("?", |n| ["imp1", "imp2"][n.min(1)])
 }

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; only warnings go to the log.
     prg_proxy::logging::init(if matches!(cli.command, Command::Demo) {
-        "warn"
+        "error,prg_proxy::group=warn"
     } else {
         "info"
     });

@@ -20,6 +20,11 @@ fn demo_runs_to_completion() {
         "dave (on imp2) sees alice (on imp1): show=dnd",
         "dave got from alice@example.com/desk: \"Lunch at 12? 🍜\"",
         "imp1: 2 session(s)",
+        "node 2 imp2  Running in Backup Mode (Peer Down)",
+        "alice logs in again → bound on imp2",
+        "adding users now is refused",
+        "node 1 imp1  Failed Over",
+        "alice logs in again → bound on imp1",
         "alice was told <system-shutdown/>",
         "demo complete",
     ] {
