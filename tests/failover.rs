@@ -9,17 +9,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Certs, DOMAIN};
+use common::{Certs, TestGroup, DOMAIN};
 use prg_proxy::group::monitor::{AdminError, GroupStatus};
 use prg_proxy::group::{NodeId, NodeState as S, Reason as R, Rejected};
-use prg_proxy::proxy::Shared;
-use prg_proxy::sim::{ClientError, ClientTls, SimClient, SimNodeConfig, SimPair};
-use prg_proxy::{Config, Proxy};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use prg_proxy::sim::{ClientError, SimClient, SimNodeConfig, SimPair};
 use tokio::time::Instant;
 
 const T: Duration = Duration::from_secs(10);
@@ -29,13 +24,20 @@ const NORMAL: (S, R) = (S::Normal, R::Normal);
 const FAST: &str = "heartbeat_interval = \"200ms\"\nheartbeat_timeout = \"1s\"\n\
                     initial_heartbeat_timeout = \"3s\"\ncritical_service_delay = \"1s\"\n";
 
-struct Group {
-    pair: SimPair,
-    certs: Certs,
-    shared: Arc<Shared>,
-    starttls: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+/// The shared test group, with the monitor-specific helpers below.
+struct Group(TestGroup);
+
+impl std::ops::Deref for Group {
+    type Target = TestGroup;
+    fn deref(&self) -> &TestGroup {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Group {
+    fn deref_mut(&mut self) -> &mut TestGroup {
+        &mut self.0
+    }
 }
 
 struct Setup<'a> {
@@ -98,33 +100,11 @@ impl Group {
             certs.key(),
             setup.srm
         ));
-        let config = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let proxy = Proxy::bind(config).await.unwrap();
-        let starttls = proxy.starttls_addr().unwrap();
-        let shared = proxy.shared();
-        let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(proxy.run(async move {
-            let _ = rx.await;
-        }));
-        Group {
-            pair,
-            certs,
-            shared,
-            starttls,
-            stop: Some(tx),
-            task: Some(task),
-        }
-    }
-
-    fn tls(&self) -> ClientTls {
-        ClientTls::StartTls {
-            config: self.certs.client.clone(),
-            server_name: DOMAIN.into(),
-        }
+        Group(TestGroup::launch(pair, certs, &text).await)
     }
 
     async fn try_login(&self, user: &str) -> Result<SimClient, ClientError> {
-        let mut c = SimClient::connect(self.starttls, DOMAIN, self.tls()).await?;
+        let mut c = SimClient::connect(self.starttls, DOMAIN, self.starttls_tls()).await?;
         c.login(user, "pw", "PLAIN").await?;
         c.bind("desk").await?;
         Ok(c)
@@ -165,15 +145,6 @@ impl Group {
 
     async fn normal(&self) {
         self.wait_for(NORMAL, NORMAL, T).await;
-    }
-
-    async fn stop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(T, t).await;
-        }
     }
 }
 

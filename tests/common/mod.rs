@@ -103,7 +103,12 @@ impl TestGroup {
             &certs,
             extra,
         );
-        let config = Config::parse(&text).unwrap();
+        Self::launch(pair, certs, &text).await
+    }
+
+    /// Binds a proxy with the config `text` in front of `pair` and runs it.
+    pub async fn launch(pair: SimPair, certs: Certs, text: &str) -> TestGroup {
+        let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let proxy = Proxy::bind(config).await.unwrap();
         let starttls = proxy.starttls_addr().unwrap();
         let direct = proxy.direct_tls_addr().unwrap();
