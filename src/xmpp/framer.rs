@@ -218,6 +218,9 @@ impl Framer {
     /// must not be used again (the stream is closed).
     pub fn next(&mut self, buf: &[u8]) -> Result<Option<Frame>, FrameError> {
         let mut i = self.pos;
+        // The state lives in a register while scanning; it is stored back
+        // when the scan stops without a frame.
+        let mut state = self.state;
         let n = buf.len();
         while i < n {
             if i >= self.max_bytes {
@@ -226,16 +229,16 @@ impl Framer {
                 });
             }
             let b = buf[i];
-            match self.state {
+            match state {
                 State::Top => {
                     if is_space(b) {
                         // A run at the start of a frame is a keep-alive; after
                         // an XML declaration it belongs to the header.
                         if i == 0 {
-                            self.state = State::TopSpace;
+                            state = State::TopSpace;
                         }
                     } else if b == b'<' {
-                        self.state = State::Lt;
+                        state = State::Lt;
                     } else {
                         return Err(FrameError::NotWellFormed("text outside of a stanza"));
                     }
@@ -252,19 +255,19 @@ impl Framer {
                     i += 1;
                     match b {
                         b'/' => {
-                            self.state = State::EndName;
+                            state = State::EndName;
                             self.mark = i;
                         }
-                        b'!' => self.state = State::Bang(0),
+                        b'!' => state = State::Bang(0),
                         b'?' => {
                             if self.depth != 0 {
                                 return Err(FrameError::Restricted("processing instruction"));
                             }
-                            self.state = State::Pi;
+                            state = State::Pi;
                             self.mark = i;
                         }
                         _ if is_name_byte(b) && !b.is_ascii_digit() && b != b'-' && b != b'.' => {
-                            self.state = State::StartName;
+                            state = State::StartName;
                             self.mark = i - 1;
                         }
                         _ => return Err(FrameError::NotWellFormed("bad character after '<'")),
@@ -296,7 +299,7 @@ impl Framer {
                     }
                     self.open.push((s as u32, (e - s) as u32));
                     self.depth += 1;
-                    self.state = State::InTag;
+                    state = State::InTag;
                 }
                 State::InTag => {
                     // Attribute names, '=' and spaces need no look: skip to
@@ -322,10 +325,10 @@ impl Framer {
                                     return Ok(Some(self.done(FrameKind::Header, i)));
                                 }
                             }
-                            self.state = State::Text;
+                            state = State::Text;
                         }
-                        b'/' => self.state = State::EmptyEnd,
-                        b'"' | b'\'' => self.state = State::AttrValue(b),
+                        b'/' => state = State::EmptyEnd,
+                        b'"' | b'\'' => state = State::AttrValue(b),
                         b'<' => return Err(FrameError::NotWellFormed("'<' inside a tag")),
                         _ => {}
                     }
@@ -342,7 +345,7 @@ impl Framer {
                         check_chars(&buf[..i])?;
                         return Ok(Some(self.done(FrameKind::Stanza, i)));
                     }
-                    self.state = State::Text;
+                    state = State::Text;
                 }
                 State::AttrValue(q) => {
                     // Jump to the next quote, '<' or '&' (memchr is SIMD);
@@ -356,12 +359,12 @@ impl Framer {
                     i += k + 1;
                     let b = rest[k];
                     if b == q {
-                        self.state = State::InTag;
+                        state = State::InTag;
                     } else if b == b'<' {
                         return Err(FrameError::NotWellFormed("'<' in an attribute value"));
                     } else {
                         self.mark = i;
-                        self.state = State::Entity(Some(q));
+                        state = State::Entity(Some(q));
                     }
                 }
                 State::EndName => {
@@ -378,7 +381,7 @@ impl Framer {
                     let name = &buf[s..e];
                     if self.depth == 0 {
                         if self.in_stream && is_stream_name(name) {
-                            self.state = State::EndTail;
+                            state = State::EndTail;
                             continue;
                         }
                         return Err(FrameError::NotWellFormed("unexpected end tag"));
@@ -390,7 +393,7 @@ impl Framer {
                         return Err(FrameError::NotWellFormed("mismatched end tag"));
                     }
                     self.depth -= 1;
-                    self.state = State::EndTail;
+                    state = State::EndTail;
                 }
                 State::EndTail => {
                     i += 1;
@@ -411,7 +414,7 @@ impl Framer {
                         };
                         return Ok(Some(self.done(kind, i)));
                     }
-                    self.state = State::Text;
+                    state = State::Text;
                 }
                 State::Text => {
                     // Hot loop: skip ordinary character data with memchr
@@ -423,10 +426,10 @@ impl Framer {
                         Some(k) => {
                             i += k + 1;
                             if rest[k] == b'<' {
-                                self.state = State::Lt;
+                                state = State::Lt;
                             } else {
                                 self.mark = i;
-                                self.state = State::Entity(None);
+                                state = State::Entity(None);
                             }
                         }
                     }
@@ -435,7 +438,7 @@ impl Framer {
                     if b == b';' {
                         check_entity(&buf[self.mark..i])?;
                         i += 1;
-                        self.state = match q {
+                        state = match q {
                             Some(q) => State::AttrValue(q),
                             None => State::Text,
                         };
@@ -460,7 +463,7 @@ impl Framer {
                         return Err(FrameError::Restricted("markup declaration"));
                     }
                     i += 1;
-                    self.state = if k as usize + 1 == CDATA.len() {
+                    state = if k as usize + 1 == CDATA.len() {
                         State::CData(0)
                     } else {
                         State::Bang(k + 1)
@@ -468,7 +471,7 @@ impl Framer {
                 }
                 State::CData(k) => {
                     i += 1;
-                    self.state = match (b, k) {
+                    state = match (b, k) {
                         (b']', 0) => State::CData(1),
                         (b']', _) => State::CData(2),
                         (b'>', 2) => State::Text,
@@ -489,22 +492,23 @@ impl Framer {
                     }
                     i += 1;
                     if got == want.len() {
-                        self.state = State::XmlDecl(false);
+                        state = State::XmlDecl(false);
                     }
                 }
                 State::XmlDecl(q) => {
                     i += 1;
                     if q && b == b'>' {
                         self.xml_decl_seen = true;
-                        self.state = State::Top;
+                        state = State::Top;
                     } else {
-                        self.state = State::XmlDecl(b == b'?');
+                        state = State::XmlDecl(b == b'?');
                     }
                 }
             }
         }
         self.pos = i;
-        if self.state == State::TopSpace && i > 0 {
+        self.state = state;
+        if state == State::TopSpace && i > 0 {
             // Deliver a keep-alive as soon as it arrives.
             return Ok(Some(self.done(FrameKind::Whitespace, i)));
         }
