@@ -138,3 +138,25 @@ async fn connection_cap_holds_extra_clients_until_a_slot_frees() {
         .unwrap();
     assert!(n > 0, "served once the slot is free");
 }
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_after_its_timeout() {
+    let g = TestGroup::start_with(
+        "balanced",
+        "[limits]\ntls_handshake_timeout = \"300ms\"\n",
+        |_| {},
+    )
+    .await;
+    // Connect to the direct-TLS port and never send a ClientHello.
+    let mut raw = tokio::net::TcpStream::connect(g.direct).await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(T, raw.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the proxy closed the stalled connection");
+    assert!(buf.is_empty(), "nothing is sent before a handshake");
+    // The listener still serves.
+    let tls = ClientTls::Direct {
+        config: g.certs.client.clone(),
+        server_name: DOMAIN.into(),
+    };
+    SimClient::connect(g.direct, DOMAIN, tls).await.unwrap();
+}
