@@ -99,8 +99,9 @@ pub struct GroupConfig {
     pub assignment: AssignmentMode,
     /// XMPP domain(s) served; the first is the default.
     pub domains: Vec<String>,
-    /// Optional per-user overrides: a TOML file with a `[users]` table mapping
-    /// bare JIDs to node names (balanced mode only).
+    /// Optional per-user assignments: a TOML file with a `[users]` table
+    /// mapping bare JIDs to node names (balanced: overrides of the spread;
+    /// none: the only users who may log in).
     #[serde(default)]
     pub assignment_file: Option<PathBuf>,
 }
@@ -510,11 +511,12 @@ impl Config {
             }
         }
         self.limits.validate()?;
-        if self.group.assignment_file.is_some() && self.group.assignment != AssignmentMode::Balanced
+        if self.group.assignment_file.is_some()
+            && self.group.assignment == AssignmentMode::ActiveStandby
         {
             return Err(ConfigError::new(
                 "group.assignment_file",
-                "per-user assignment overrides apply to balanced mode only",
+                "active-standby puts every user on node 1; per-user assignments apply to balanced and none",
             ));
         }
         Ok(())

@@ -100,6 +100,16 @@ impl Shared {
         }
     }
 
+    /// Adds a user to the assignment (balanced: pins the user's home;
+    /// `none`: lets the user log in). Refused while a node of the group is
+    /// failed over or users are moving, as the source requires.
+    pub fn add_user(&self, bare: &str, node: NodeIndex) -> Result<(), crate::route::AddUserError> {
+        self.group.can_add_users()?;
+        self.assignment.add(bare, node)?;
+        info!(user = %bare, node = %self.config.nodes[node].name, "user added to the assignment");
+        Ok(())
+    }
+
     /// The relay saw a node connection fail (evidence for the health
     /// monitor).
     pub fn note_node_failure(&self, node: NodeIndex) {

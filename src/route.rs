@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::RwLock;
 
 use crate::config::AssignmentMode;
 
@@ -11,13 +12,15 @@ use crate::config::AssignmentMode;
 pub type NodeIndex = usize;
 
 /// The user assignment: bare JID → home node.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Assignment {
     mode: AssignmentMode,
     /// Precomputed hash of each node's name, the rendezvous seeds.
     node_seeds: Vec<u64>,
-    /// Per-user overrides (balanced mode).
-    overrides: HashMap<String, NodeIndex>,
+    /// Explicit per-user assignments: overrides in balanced mode, the only
+    /// assigned users in mode `none`. Read on every login, written when an
+    /// administrator adds a user.
+    overrides: RwLock<HashMap<String, NodeIndex>>,
 }
 
 /// Why a user has no home node.
@@ -26,6 +29,20 @@ pub enum AssignError {
     /// Assignment mode `none`: no user is assigned.
     #[error("user {0} is not assigned to a node")]
     NotAssigned(String),
+}
+
+/// Why a user could not be added to the assignment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddUserError {
+    /// Active/standby puts every user on node 1; there is nothing to choose.
+    #[error("assignment mode active-standby puts every user on node 1; users are not assigned one by one")]
+    ActiveStandby,
+    /// The node index is not one of the group's nodes.
+    #[error("the group has no node {0}")]
+    NoSuchNode(usize),
+    /// The group is failed over (source: users cannot be added then).
+    #[error(transparent)]
+    DuringFailover(#[from] crate::group::monitor::UsersCannotBeAdded),
 }
 
 impl Assignment {
@@ -38,7 +55,7 @@ impl Assignment {
         Assignment {
             mode,
             node_seeds: node_names.iter().map(|n| fnv1a(n.as_bytes())).collect(),
-            overrides,
+            overrides: RwLock::new(overrides),
         }
     }
 
@@ -53,11 +70,20 @@ impl Assignment {
     /// bare JID: stable across restarts and versions, even over the nodes,
     /// and independent of the order users arrive in.
     pub fn home(&self, bare: &str) -> Result<NodeIndex, AssignError> {
+        let explicit = || {
+            let o = match self.overrides.read() {
+                Ok(o) => o,
+                Err(p) => p.into_inner(),
+            };
+            o.get(bare).copied()
+        };
         match self.mode {
-            AssignmentMode::None => Err(AssignError::NotAssigned(bare.to_string())),
+            AssignmentMode::None => {
+                explicit().ok_or_else(|| AssignError::NotAssigned(bare.to_string()))
+            }
             AssignmentMode::ActiveStandby => Ok(0),
             AssignmentMode::Balanced => {
-                if let Some(&n) = self.overrides.get(bare) {
+                if let Some(n) = explicit() {
                     return Ok(n);
                 }
                 let h = fnv1a(bare.as_bytes());
@@ -71,6 +97,24 @@ impl Assignment {
                 Ok(best.1)
             }
         }
+    }
+
+    /// Assigns a (lower-case) bare JID to `node`: an override in balanced
+    /// mode, an assigned user in mode `none`. Whether the group allows it
+    /// now is the caller's check (see `Shared::add_user`).
+    pub fn add(&self, bare: &str, node: NodeIndex) -> Result<(), AddUserError> {
+        if self.mode == AssignmentMode::ActiveStandby {
+            return Err(AddUserError::ActiveStandby);
+        }
+        if node >= self.node_seeds.len() {
+            return Err(AddUserError::NoSuchNode(node));
+        }
+        let mut o = match self.overrides.write() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        o.insert(bare.to_ascii_lowercase(), node);
+        Ok(())
     }
 }
 
@@ -189,6 +233,20 @@ mod tests {
         o.insert("alice@example.com".to_string(), 1);
         let a = Assignment::new(AssignmentMode::Balanced, &names(), o);
         assert_eq!(a.home("alice@example.com"), Ok(1));
+    }
+
+    #[test]
+    fn users_can_be_added() {
+        let a = Assignment::new(AssignmentMode::None, &names(), HashMap::new());
+        assert!(a.home("new@example.com").is_err());
+        a.add("New@example.com", 1).unwrap();
+        assert_eq!(a.home("new@example.com"), Ok(1));
+        assert_eq!(a.add("x@example.com", 2), Err(AddUserError::NoSuchNode(2)));
+        let b = Assignment::new(AssignmentMode::ActiveStandby, &names(), HashMap::new());
+        assert_eq!(b.add("x@example.com", 1), Err(AddUserError::ActiveStandby));
+        let c = Assignment::new(AssignmentMode::Balanced, &names(), HashMap::new());
+        c.add("alice@example.com", 1).unwrap();
+        assert_eq!(c.home("alice@example.com"), Ok(1));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::{Certs, TestGroup, DOMAIN};
 use prg_proxy::group::monitor::{AdminError, GroupStatus};
 use prg_proxy::group::{NodeId, NodeState as S, Reason as R, Rejected};
+use prg_proxy::route::AddUserError;
 use prg_proxy::sim::{ClientError, SimClient, SimNodeConfig, SimPair};
 use tokio::time::Instant;
 
@@ -434,6 +435,10 @@ async fn manual_failover_and_fallback() {
     let _alice = g.login("alice").await;
     assert_eq!(g.node_of("alice"), Some(1));
     assert!(g.shared.group.can_add_users().is_err());
+    // Adding a user to the assignment is refused while failed over...
+    let e = g.shared.add_user("erin@example.com", 0).unwrap_err();
+    assert!(matches!(e, AddUserError::DuringFailover(_)), "{e}");
+    assert!(e.to_string().contains("users cannot be added"), "{e}");
     assert!(matches!(
         g.shared.group.failover(1).await,
         Err(AdminError::Rejected(Rejected::NotNormal { .. }))
@@ -449,6 +454,13 @@ async fn manual_failover_and_fallback() {
     g.shared.group.fallback(0).await.unwrap();
     g.normal().await;
     dave.ping().await.unwrap();
+    // ... and accepted in Normal: erin's home moves to node 1.
+    let home = |g: &Group| g.shared.assignment.home("erin@example.com");
+    assert_eq!(home(&g), Ok(1), "erin's balanced home is node 2");
+    g.shared.add_user("erin@example.com", 0).unwrap();
+    assert_eq!(home(&g), Ok(0));
+    let _erin = g.login("erin").await;
+    assert_eq!(g.node_of("erin"), Some(0));
     g.stop().await;
 }
 

@@ -321,3 +321,49 @@ async fn shutdown_sends_system_shutdown_to_every_client() {
     // No new connections.
     assert!(tokio::net::TcpStream::connect(g.starttls).await.is_err());
 }
+
+#[tokio::test]
+async fn assignment_none_admits_only_explicitly_assigned_users() {
+    let certs = Certs::new();
+    let f = certs.dir.path().join("users.toml");
+    std::fs::write(&f, "[users]\n\"alice@example.com\" = \"imp2\"\n").unwrap();
+    let pair = prg_proxy::sim::SimPair::start(
+        prg_proxy::sim::SimNodeConfig::new("imp1", DOMAIN, users()),
+        prg_proxy::sim::SimNodeConfig::new("imp2", DOMAIN, users()),
+    )
+    .await
+    .unwrap();
+    let text = config_text(
+        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+        "none",
+        &certs,
+        "",
+    )
+    .replace(
+        "domains = [\"example.com\"]",
+        &format!(
+            "domains = [\"example.com\"]\nassignment_file = \"{}\"",
+            f.display()
+        ),
+    );
+    let g = TestGroup::launch(pair, certs, &text).await;
+    let _alice = g.login("alice", "PLAIN", "a").await;
+    assert_eq!(
+        g.pair.nodes[1].session_count(),
+        1,
+        "alice is assigned to imp2"
+    );
+    let mut c = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls())
+        .await
+        .unwrap();
+    match c.login("bob", "pw", "PLAIN").await {
+        Err(ClientError::SaslFailure { condition, text }) => {
+            assert_eq!(condition, "not-authorized");
+            assert_eq!(
+                text.as_deref(),
+                Some("user bob@example.com is not assigned to a node")
+            );
+        }
+        other => panic!("expected not-authorized, got {other:?}"),
+    }
+}

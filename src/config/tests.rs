@@ -269,3 +269,13 @@ fn probe_knobs_are_checked() {
     assert_eq!(c.srm.probe_timeout, Duration::from_millis(300));
     assert!(!c.srm.fast_detect);
 }
+
+#[test]
+fn assignment_file_is_refused_in_active_standby() {
+    let mut c = example();
+    c.group.assignment = AssignmentMode::ActiveStandby;
+    c.group.assignment_file = Some("users.toml".into());
+    assert_eq!(c.validate().unwrap_err().key, "group.assignment_file");
+    c.group.assignment = AssignmentMode::None;
+    c.validate().expect("mode none may list its users");
+}
