@@ -186,7 +186,7 @@ impl ClientConnection {
                 let _ = tcp.write_all(b"</stream:stream>").await;
                 return Err(End::ClientClosed);
             }
-            let f = Frame::name_of(&frame);
+            let f = peek::element_name(&frame);
             if f != b"starttls" || !peek::contains(&frame, stream::NS_TLS.as_bytes()) {
                 let e =
                     stream::stream_error("policy-violation", Some("STARTTLS is required"), None);
@@ -251,8 +251,8 @@ impl ClientConnection {
                 let _ = client.write_all(b"</stream:stream>").await;
                 return Err(End::ClientClosed);
             }
-            let head_end = frame_head_end(&frame);
-            let name = Frame::name_of(&frame);
+            let head_end = peek::head_end(&frame);
+            let name = peek::element_name(&frame);
             if name != b"auth" || !peek::contains(&frame[..head_end], stream::NS_SASL.as_bytes()) {
                 let (cond, text) = if name == b"starttls" {
                     ("policy-violation", "TLS is already established")
@@ -286,12 +286,12 @@ impl ClientConnection {
                 let (_, resp) = self
                     .next_frame(&mut client, &mut buf, &mut framer, true)
                     .await?;
-                if Frame::name_of(&resp) != b"response" {
+                if peek::element_name(&resp) != b"response" {
                     let f = stream::sasl_failure("malformed-request", Some("expected <response/>"));
                     write(&mut client, f.as_bytes()).await?;
                     continue;
                 }
-                let text = stream::element_text(&resp, frame_head_end(&resp));
+                let text = stream::element_text(&resp, peek::head_end(&resp));
                 payload = sasl::decode_payload(std::str::from_utf8(text).unwrap_or("!"));
                 let rebuilt = format!(
                     "<auth xmlns='{}' mechanism='{}'>{}</auth>",
@@ -876,34 +876,6 @@ pub fn frame_error_xml(e: &FrameError) -> String {
             None,
         ),
     }
-}
-
-impl Frame {
-    /// The element name of a framed element (bytes after `<` up to the first
-    /// space, `/` or `>`).
-    pub fn name_of(frame: &[u8]) -> &[u8] {
-        let s = frame.iter().position(|b| *b == b'<').map_or(0, |p| p + 1);
-        let rest = &frame[s..];
-        let e = rest
-            .iter()
-            .position(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))
-            .unwrap_or(rest.len());
-        &rest[..e]
-    }
-}
-
-fn frame_head_end(frame: &[u8]) -> usize {
-    // The start tag ends at the first '>' outside quotes.
-    let mut q = 0u8;
-    for (i, &b) in frame.iter().enumerate() {
-        match (q, b) {
-            (0, b'"') | (0, b'\'') => q = b,
-            (0, b'>') => return i + 1,
-            (x, y) if x == y => q = 0,
-            _ => {}
-        }
-    }
-    frame.len()
 }
 
 async fn write<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> Result<(), End> {

@@ -21,7 +21,7 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use memchr::memmem;
 use prg_proxy::sim::{Roster, SimNodeConfig, SimPair};
-use prg_proxy::xmpp::framer::{Frame, FrameKind, Framer};
+use prg_proxy::xmpp::framer::{FrameKind, Framer};
 use prg_proxy::xmpp::peek;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -613,7 +613,7 @@ async fn open(io: &mut (impl AsyncRead + AsyncWrite + Unpin), buf: &mut Vec<u8>)
         return Err("expected a stream header".into());
     }
     let (_, features) = next_element(io, buf, &mut f).await?;
-    if Frame::name_of(&features) != b"stream:features" {
+    if peek::element_name(&features) != b"stream:features" {
         return Err(format!(
             "expected features, got {}",
             String::from_utf8_lossy(&features)
@@ -643,7 +643,7 @@ async fn login(
                 .map_err(err("write"))?;
             let mut f = Framer::in_open_stream(1 << 20);
             let (_, proceed) = next_element(&mut tcp, &mut buf, &mut f).await?;
-            if Frame::name_of(&proceed) != b"proceed" {
+            if peek::element_name(&proceed) != b"proceed" {
                 return Err("STARTTLS refused".into());
             }
             let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())
@@ -668,7 +668,7 @@ async fn login(
     .map_err(err("write"))?;
     let mut f = Framer::in_open_stream(1 << 20);
     let (_, ok) = next_element(&mut io, &mut buf, &mut f).await?;
-    if Frame::name_of(&ok) != b"success" {
+    if peek::element_name(&ok) != b"success" {
         return Err(format!("auth failed: {}", String::from_utf8_lossy(&ok)));
     }
     let features = open(&mut io, &mut buf).await?;

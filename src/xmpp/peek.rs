@@ -71,6 +71,33 @@ pub fn child_text<'a>(stanza: &'a [u8], child: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
+/// The element name of a framed element (bytes after its `<` up to the
+/// first space, `/` or `>`), e.g. `auth`, `stream:features`.
+pub fn element_name(frame: &[u8]) -> &[u8] {
+    let s = memchr::memchr(b'<', frame).map_or(0, |p| p + 1);
+    let rest = &frame[s..];
+    let e = rest
+        .iter()
+        .position(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/' | b'>'))
+        .unwrap_or(rest.len());
+    &rest[..e]
+}
+
+/// Offset just past the end of a framed element's start tag: the first `>`
+/// outside quotes (the whole frame if there is none).
+pub fn head_end(frame: &[u8]) -> usize {
+    let mut q = 0u8;
+    for (i, &b) in frame.iter().enumerate() {
+        match (q, b) {
+            (0, b'"') | (0, b'\'') => q = b,
+            (0, b'>') => return i + 1,
+            (x, y) if x == y => q = 0,
+            _ => {}
+        }
+    }
+    frame.len()
+}
+
 /// Whether the stanza mentions `needle` anywhere (namespace checks).
 pub fn contains(stanza: &[u8], needle: &[u8]) -> bool {
     memmem::find(stanza, needle).is_some()
@@ -117,6 +144,15 @@ mod tests {
         assert_eq!(child_text(p, b"body"), None);
         let q = b"<message><showx>1</showx><show xml:lang='en'>away</show></message>";
         assert_eq!(child_text(q, b"show"), Some(&b"away"[..]));
+    }
+
+    #[test]
+    fn names_and_heads() {
+        let a = b"<auth xmlns='x' mechanism='a>b'>AGE=</auth>";
+        assert_eq!(element_name(a), b"auth");
+        assert_eq!(&a[..head_end(a)], b"<auth xmlns='x' mechanism='a>b'>");
+        assert_eq!(element_name(b"<stream:features>"), b"stream:features");
+        assert_eq!(element_name(b"<r/>"), b"r");
     }
 
     #[test]
