@@ -624,10 +624,14 @@ impl ClientToNode {
     async fn run(mut self) -> End {
         loop {
             // Frame everything complete, forward it in one write.
-            let (ready, closed) = match scan(&mut self.framer, &self.buf, |frame, f| {
+            let Batch {
+                ready,
+                stanzas,
+                closed,
+            } = match scan(&mut self.framer, &self.buf, |frame, f| {
                 observe_up(&self.shared, self.conn, frame, f)
             }) {
-                Ok(r) => r,
+                Ok(b) => b,
                 Err((ready, e)) => {
                     // Forward what was complete, then tell the client.
                     let _ = self.node.write_all(&self.buf[..ready]).await;
@@ -641,10 +645,9 @@ impl ClientToNode {
                     return End::Error(ConnError::Node(format!("write: {e}")));
                 }
                 self.buf.advance(ready);
-                self.shared
-                    .metrics
-                    .bytes_up
-                    .fetch_add(ready as u64, Ordering::Relaxed);
+                let m = &self.shared.metrics;
+                m.bytes_up.fetch_add(ready as u64, Ordering::Relaxed);
+                m.stanzas_up.fetch_add(stanzas, Ordering::Relaxed);
             }
             if closed {
                 let _ = self.node.flush().await;
@@ -697,10 +700,14 @@ impl NodeToClient {
         loop {
             // Relay whatever is complete.
             let peek = &mut self.peek;
-            let (ready, closed) = match scan(&mut self.framer, &self.buf, |frame, f| {
+            let Batch {
+                ready,
+                stanzas,
+                closed,
+            } = match scan(&mut self.framer, &self.buf, |frame, f| {
                 peek.observe(frame, f)
             }) {
-                Ok(r) => r,
+                Ok(b) => b,
                 Err((ready, e)) => {
                     warn!(error = %e, "node sent bad XML");
                     let x = stream::stream_error(
@@ -723,10 +730,9 @@ impl NodeToClient {
                 }
                 drop(c);
                 self.buf.advance(ready);
-                self.shared
-                    .metrics
-                    .bytes_down
-                    .fetch_add(ready as u64, Ordering::Relaxed);
+                let m = &self.shared.metrics;
+                m.bytes_down.fetch_add(ready as u64, Ordering::Relaxed);
+                m.stanzas_down.fetch_add(stanzas, Ordering::Relaxed);
             }
             if closed {
                 return End::NodeClosed;
@@ -774,10 +780,6 @@ impl NodeToClient {
 impl BindWatch {
     /// Tracker peek at a node stanza: the bind result.
     fn observe(&mut self, frame: &[u8], f: &Frame) {
-        self.shared
-            .metrics
-            .stanzas_down
-            .fetch_add(1, Ordering::Relaxed);
         if self.bound || f.name(frame) != b"iq" {
             return;
         }
@@ -804,7 +806,6 @@ impl BindWatch {
 
 /// Tracker peek at a client stanza: broadcast presence.
 fn observe_up(shared: &Shared, conn: ConnId, frame: &[u8], f: &Frame) {
-    shared.metrics.stanzas_up.fetch_add(1, Ordering::Relaxed);
     if f.name(frame) != b"presence" {
         return;
     }
@@ -825,28 +826,44 @@ fn observe_up(shared: &Shared, conn: ConnId, frame: &[u8], f: &Frame) {
     shared.tracker.on_presence(conn, presence);
 }
 
+/// What one scan of a read buffer found.
+struct Batch {
+    /// Bytes of complete frames, ready to forward.
+    ready: usize,
+    /// Stanzas among them (counted here, added to the shared metrics once
+    /// per batch rather than once per stanza).
+    stanzas: u64,
+    /// Whether the stream close was among them (nothing after it counts).
+    closed: bool,
+}
+
 /// Frames everything complete in `buf`, calling `observe` for each stanza.
-/// Returns the bytes ready to forward and whether the stream was closed, or
-/// the bytes ready before the error and the error.
+/// On error, returns the bytes ready before it and the error.
 fn scan(
     framer: &mut Framer,
     buf: &[u8],
     mut observe: impl FnMut(&[u8], &Frame),
-) -> Result<(usize, bool), (usize, FrameError)> {
-    let mut ready = 0;
+) -> Result<Batch, (usize, FrameError)> {
+    let mut b = Batch {
+        ready: 0,
+        stanzas: 0,
+        closed: false,
+    };
     loop {
-        match framer.next(&buf[ready..]) {
+        match framer.next(&buf[b.ready..]) {
             Ok(Some(f)) => {
                 if f.kind == FrameKind::Stanza {
-                    observe(&buf[ready..ready + f.len], &f);
+                    observe(&buf[b.ready..b.ready + f.len], &f);
+                    b.stanzas += 1;
                 }
-                ready += f.len;
+                b.ready += f.len;
                 if f.kind == FrameKind::Close {
-                    return Ok((ready, true));
+                    b.closed = true;
+                    return Ok(b);
                 }
             }
-            Ok(None) => return Ok((ready, false)),
-            Err(e) => return Err((ready, e)),
+            Ok(None) => return Ok(b),
+            Err(e) => return Err((b.ready, e)),
         }
     }
 }

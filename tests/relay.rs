@@ -62,6 +62,14 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
     assert_eq!(g.shared.tracker.count_on(0), 1);
     assert_eq!(g.shared.tracker.count_on(1), 1);
 
+    // Every stanza is counted: alice and dave sent at least bind, roster,
+    // presence and the message; they received at least as many.
+    let m = &g.shared.metrics;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(m.stanzas_up.load(Relaxed) >= 6, "{:?}", m.stanzas_up);
+    assert!(m.stanzas_down.load(Relaxed) >= 6, "{:?}", m.stanzas_down);
+    assert!(m.bytes_up.load(Relaxed) > 0 && m.bytes_down.load(Relaxed) > 0);
+
     alice.close().await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(g.shared.tracker.lookup("alice@example.com").is_none());
