@@ -189,7 +189,7 @@ fn count_quick_xml(bytes: &[u8]) -> usize {
     n
 }
 
-/// Best of `runs` passes (least disturbed by the other engineers' jobs).
+/// Best of `runs` passes (least disturbed by other work on the machine).
 fn best_secs(runs: usize, mut f: impl FnMut() -> usize) -> f64 {
     (0..runs)
         .map(|_| {
