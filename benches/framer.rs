@@ -6,8 +6,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use prg_proxy::tracker::{self, Presence, Show};
-use prg_proxy::xmpp::framer::{FrameKind, Framer};
+use prg_proxy::tracker::Presence;
+use prg_proxy::xmpp::framer::{Frame, FrameKind, Framer};
 use prg_proxy::xmpp::peek;
 use quick_xml::events::Event;
 
@@ -132,7 +132,7 @@ fn count_prg(f: &mut Framer, bytes: &[u8], with_peek: bool) -> usize {
         if fr.kind == FrameKind::Stanza {
             n += 1;
             if with_peek {
-                acc = acc.wrapping_add(peek_like_relay(frame, fr.head_end, fr.name(frame)));
+                acc = acc.wrapping_add(peek_like_relay(frame, &fr));
             }
         }
         off += fr.len;
@@ -141,23 +141,14 @@ fn count_prg(f: &mut Framer, bytes: &[u8], with_peek: bool) -> usize {
     n
 }
 
-/// What `ClientToNode::observe` looks at for the tracker.
-fn peek_like_relay(frame: &[u8], head_end: usize, name: &[u8]) -> u64 {
-    let head = &frame[..head_end];
-    let to = peek::attr(head, b"to").map_or(0, <[u8]>::len) as u64;
-    if name != b"presence" || to != 0 {
-        return to;
+/// What the relay looks at for the tracker: `to` on every stanza, and the
+/// broadcast presence peek (`Presence::peek`) on presence.
+fn peek_like_relay(frame: &[u8], f: &Frame) -> u64 {
+    let to = peek::attr(&frame[..f.head_end], b"to").map_or(0, <[u8]>::len) as u64;
+    match Presence::peek(frame, f) {
+        Some(p) => to ^ p.status_hash ^ p.caps_hash ^ p.priority as u64,
+        None => to,
     }
-    let p = match peek::attr(head, b"type") {
-        None => Presence {
-            available: true,
-            show: peek::child_text(frame, b"show").map_or(Show::Online, Show::parse),
-            priority: peek::child_text(frame, b"priority").map_or(0, tracker::parse_priority),
-            status_hash: peek::child_text(frame, b"status").map_or(0, tracker::status_hash),
-        },
-        _ => Presence::default(),
-    };
-    p.status_hash ^ p.priority as u64
 }
 
 /// A plain quick-xml event loop: every event, depth counted to find the

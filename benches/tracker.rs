@@ -439,6 +439,7 @@ fn run_cell<S: Store>(s: &S, n: u64, mix: Mix, threads: u64, h: &ConnHandle) -> 
                         show: Show::Away,
                         priority: 1,
                         status_hash: 42,
+                        caps_hash: 7,
                     };
                     while ops < CELL_MAX_OPS {
                         if i % 1024 == 0 && Instant::now() >= deadline {

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::proxy::Shared;
 use crate::route::{AssignError, NodeIndex};
-use crate::tracker::{self, ConnId, Control, Presence, Show};
+use crate::tracker::{ConnId, Control, Presence};
 use crate::upstream::{BoxStream, NodeStream};
 use crate::xmpp::framer::{Frame, FrameError, FrameKind, Framer};
 use crate::xmpp::{peek, sasl, stream};
@@ -806,24 +806,9 @@ impl BindWatch {
 
 /// Tracker peek at a client stanza: broadcast presence.
 fn observe_up(shared: &Shared, conn: ConnId, frame: &[u8], f: &Frame) {
-    if f.name(frame) != b"presence" {
-        return;
+    if let Some(p) = Presence::peek(frame, f) {
+        shared.tracker.on_presence(conn, p);
     }
-    let head = &frame[..f.head_end];
-    if peek::attr(head, b"to").is_some() {
-        return; // directed presence
-    }
-    let presence = match peek::attr(head, b"type") {
-        None => Presence {
-            available: true,
-            show: peek::child_text(frame, b"show").map_or(Show::Online, Show::parse),
-            priority: peek::child_text(frame, b"priority").map_or(0, tracker::parse_priority),
-            status_hash: peek::child_text(frame, b"status").map_or(0, tracker::status_hash),
-        },
-        Some(b"unavailable") => Presence::default(),
-        Some(_) => return, // subscription management
-    };
-    shared.tracker.on_presence(conn, presence);
 }
 
 /// What one scan of a read buffer found.

@@ -83,6 +83,36 @@ pub struct Presence {
     /// A hash of the `<status/>` text (0 without one): enough to tell a
     /// change without storing the text.
     pub status_hash: u64,
+    /// A hash of the XEP-0115 caps `ver` (0 without caps): which client
+    /// features (temporary presence among them) the session announced.
+    pub caps_hash: u64,
+}
+
+impl Presence {
+    /// The broadcast presence a client stanza carries, found by peeks at the
+    /// framed bytes (no DOM, no allocation). `None` for other stanzas,
+    /// directed presence and subscription management.
+    pub fn peek(frame: &[u8], f: &crate::xmpp::Frame) -> Option<Presence> {
+        use crate::xmpp::peek;
+        if f.name(frame) != b"presence" {
+            return None;
+        }
+        let head = &frame[..f.head_end];
+        if peek::attr(head, b"to").is_some() {
+            return None; // directed presence
+        }
+        match peek::attr(head, b"type") {
+            None => Some(Presence {
+                available: true,
+                show: peek::child_text(frame, b"show").map_or(Show::Online, Show::parse),
+                priority: peek::child_text(frame, b"priority").map_or(0, parse_priority),
+                status_hash: peek::child_text(frame, b"status").map_or(0, status_hash),
+                caps_hash: peek::caps_ver(frame).map_or(0, status_hash),
+            }),
+            Some(b"unavailable") => Some(Presence::default()),
+            Some(_) => None,
+        }
+    }
 }
 
 /// One bound resource.

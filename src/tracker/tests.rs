@@ -22,6 +22,7 @@ async fn bind_presence_close() {
         show: Show::Dnd,
         priority: 5,
         status_hash: status_hash(b"In a meeting"),
+        caps_hash: status_hash(b"7YbyzKz/rFd3XxVPfQZq3s5CHtg="),
     };
     t.on_presence(1, p);
     let u = t.lookup("alice@example.com/whatever").unwrap();
@@ -220,4 +221,54 @@ fn concurrent_updates_keep_counts_consistent() {
     assert_eq!(t.count_on(0) + t.count_on(1), bound);
     assert_eq!(t.sessions_on(0).len() + t.sessions_on(1).len(), bound);
     assert_eq!(t.user_count(), 50);
+}
+
+/// The broadcast presences in a real client capture, as the relay peeks at
+/// them (directed presence is not the session's own).
+#[test]
+fn presence_peek_on_captured_traffic() {
+    use crate::xmpp::{FrameKind, Framer};
+    let path = format!(
+        "{}/tests/fixtures/captures/alice-scram-sha1.c2s.xml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let input = std::fs::read(path).unwrap();
+    let mut f = Framer::new(262_144);
+    let mut buf = &input[..];
+    let mut seen = Vec::new();
+    let mut directed = 0;
+    while let Some(fr) = f.next(buf).unwrap() {
+        let frame = &buf[..fr.len];
+        if fr.kind == FrameKind::Stanza && fr.name(frame) == b"presence" {
+            match Presence::peek(frame, &fr) {
+                Some(p) => seen.push(p),
+                None => directed += 1,
+            }
+        }
+        buf = &buf[fr.len..];
+    }
+    let caps = status_hash(b"7YbyzKz/rFd3XxVPfQZq3s5CHtg=");
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(directed >= 1, "the capture has a directed presence");
+    assert_eq!(
+        seen[0],
+        Presence {
+            available: true,
+            show: Show::Online,
+            priority: 0,
+            status_hash: 0,
+            caps_hash: caps,
+        }
+    );
+    assert_eq!(
+        seen[1],
+        Presence {
+            available: true,
+            show: Show::Dnd,
+            priority: 5,
+            status_hash: status_hash(b"In a meeting"),
+            caps_hash: caps,
+        }
+    );
+    assert!(!seen.last().unwrap().available, "ends with unavailable");
 }

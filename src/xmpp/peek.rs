@@ -98,6 +98,22 @@ pub fn head_end(frame: &[u8]) -> usize {
     frame.len()
 }
 
+/// The XEP-0115 `ver` of a stanza's entity-capabilities element
+/// (`<c xmlns='http://jabber.org/protocol/caps' … ver='…'/>`), raw.
+pub fn caps_ver(stanza: &[u8]) -> Option<&[u8]> {
+    let mut from = 0;
+    while let Some(k) = memmem::find(&stanza[from..], b"<c ") {
+        let at = from + k;
+        let end = at + memchr::memchr(b'>', &stanza[at..])? + 1;
+        let tag = &stanza[at..end];
+        if attr(tag, b"xmlns") == Some(&b"http://jabber.org/protocol/caps"[..]) {
+            return attr(tag, b"ver");
+        }
+        from = end;
+    }
+    None
+}
+
 /// Whether the stanza mentions `needle` anywhere (namespace checks).
 pub fn contains(stanza: &[u8], needle: &[u8]) -> bool {
     memmem::find(stanza, needle).is_some()
@@ -153,6 +169,15 @@ mod tests {
         assert_eq!(&a[..head_end(a)], b"<auth xmlns='x' mechanism='a>b'>");
         assert_eq!(element_name(b"<stream:features>"), b"stream:features");
         assert_eq!(element_name(b"<r/>"), b"r");
+    }
+
+    #[test]
+    fn caps() {
+        let p = b"<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='7Yby+='/></presence>";
+        assert_eq!(caps_ver(p), Some(&b"7Yby+="[..]));
+        let q = b"<presence><c xmlns='other' ver='x'/><c xmlns=\"http://jabber.org/protocol/caps\" ver=\"y\"/></presence>";
+        assert_eq!(caps_ver(q), Some(&b"y"[..]));
+        assert_eq!(caps_ver(b"<presence><show>away</show></presence>"), None);
     }
 
     #[test]
