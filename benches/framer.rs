@@ -13,6 +13,7 @@ use quick_xml::events::Event;
 
 mod common;
 use common::alloc;
+use common::rng::Rng;
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -20,20 +21,6 @@ static GLOBAL: alloc::Counting = alloc::Counting;
 /// Size of the generated corpus (a few MiB: larger than L2, so the numbers
 /// include streaming from memory as a relay does).
 const CORPUS_BYTES: usize = 4 << 20;
-
-/// Deterministic xorshift, so every run frames the same bytes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 const WORDS: [&str; 12] = [
     "meeting",

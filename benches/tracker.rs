@@ -17,6 +17,7 @@ use tokio::time::Instant as TokioInstant;
 
 mod common;
 use common::alloc;
+use common::rng::Rng;
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -388,16 +389,6 @@ fn jid(buf: &mut [u8; 40], idx: u64, full: bool) -> &str {
     buf[w..w + tail.len()].copy_from_slice(tail);
     w += tail.len();
     std::str::from_utf8(&buf[..w]).unwrap_or("")
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -838,16 +838,7 @@ impl GroupState {
                 r.last_ok = now;
                 match r.state {
                     NodeState::Initializing => r.seen = true,
-                    NodeState::Down => {
-                        self.set(
-                            id,
-                            NodeState::Initializing,
-                            Reason::Initialization,
-                            now,
-                            step,
-                        );
-                        self.nodes[id.index()].seen = true;
-                    }
+                    NodeState::Down => self.reinitialize(id, now, step),
                     _ => {}
                 }
             }
@@ -1050,18 +1041,23 @@ impl GroupState {
         }
     }
 
+    /// A node that was down answers again: it initializes, already seen.
+    fn reinitialize(&mut self, id: NodeId, now: Instant, step: &mut Step) {
+        self.set(
+            id,
+            NodeState::Initializing,
+            Reason::Initialization,
+            now,
+            step,
+        );
+        self.nodes[id.index()].seen = true;
+    }
+
     fn srm_restarted(&mut self, id: NodeId, now: Instant, step: &mut Step) {
         let state = self.nodes[id.index()].state;
         if state == NodeState::Down {
             self.nodes[id.index()].last_ok = now;
-            self.set(
-                id,
-                NodeState::Initializing,
-                Reason::Initialization,
-                now,
-                step,
-            );
-            self.nodes[id.index()].seen = true;
+            self.reinitialize(id, now, step);
             return;
         }
         self.nodes[id.index()].last_ok = now;

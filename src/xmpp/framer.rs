@@ -143,6 +143,15 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.') || b >= 0x80
 }
 
+/// End of a run of name bytes from `i` (before `end`): the whole name in
+/// one tight loop, not one state dispatch per byte.
+fn name_end(buf: &[u8], mut i: usize, end: usize) -> usize {
+    while i < end && is_name_byte(buf[i]) {
+        i += 1;
+    }
+    i
+}
+
 fn is_stream_name(name: &[u8]) -> bool {
     name == b"stream" || name.ends_with(b":stream")
 }
@@ -275,12 +284,7 @@ impl Framer {
                 }
                 State::StartName => {
                     if is_name_byte(b) {
-                        // Whole name in one tight loop, not one dispatch per byte.
-                        let end = n.min(self.max_bytes);
-                        i += 1;
-                        while i < end && is_name_byte(buf[i]) {
-                            i += 1;
-                        }
+                        i = name_end(buf, i + 1, n.min(self.max_bytes));
                         continue;
                     }
                     let (s, e) = (self.mark, i);
@@ -369,12 +373,7 @@ impl Framer {
                 }
                 State::EndName => {
                     if is_name_byte(b) {
-                        // Whole name in one tight loop, not one dispatch per byte.
-                        let end = n.min(self.max_bytes);
-                        i += 1;
-                        while i < end && is_name_byte(buf[i]) {
-                            i += 1;
-                        }
+                        i = name_end(buf, i + 1, n.min(self.max_bytes));
                         continue;
                     }
                     let (s, e) = (self.mark, i);
