@@ -49,6 +49,8 @@ trait Store: Sync {
 
 impl Store for Tracker {
     fn bind(&self, full: &str, node: usize, conn: u64, h: &ConnHandle) {
+        let node =
+            prg_proxy::node::NodeId::from_index(node).unwrap_or(prg_proxy::node::NodeId::Node1);
         self.on_bind(full, node, node, conn, h.clone());
     }
     fn presence(&self, conn: u64, p: Presence) {
@@ -523,7 +525,7 @@ fn bench_store<S: Store>(
         return;
     }
     let n = users();
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let (tx, _rx) = ConnHandle::new(1024);
     let (live0, rss0) = (alloc::live_bytes(), rss_bytes());
     let t = Instant::now();
     let s = make();

@@ -353,6 +353,20 @@ pub struct LimitsConfig {
     /// Grace period for connections to drain on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Deadline for one write to a client or a node: a peer that does not
+    /// take the bytes within it is disconnected (an eviction then still
+    /// completes within it).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// After the client closed its stream, how long the proxy waits for the
+    /// node's `</stream:stream>` before closing the node connection.
+    #[serde(with = "humantime_serde")]
+    pub close_wait: Duration,
+    /// SASL attempts on one stream before the proxy closes it.
+    pub max_auth_attempts: u32,
+    /// Bytes that may wait to be injected into one client stream (replayed
+    /// stanzas); further injections are refused.
+    pub inject_queue_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -365,6 +379,10 @@ impl Default for LimitsConfig {
             upstream_connect_timeout: Duration::from_secs(10),
             read_buffer_bytes: 8192,
             shutdown_grace: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(15),
+            close_wait: Duration::from_secs(5),
+            max_auth_attempts: 5,
+            inject_queue_bytes: 524_288,
         }
     }
 }
@@ -719,6 +737,18 @@ impl LimitsConfig {
                 "RFC 6120 requires accepting stanzas of at least 10000 bytes",
             ));
         }
+        if self.max_auth_attempts == 0 {
+            return Err(ConfigError::new(
+                "limits.max_auth_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.inject_queue_bytes < self.max_stanza_bytes {
+            return Err(ConfigError::new(
+                "limits.inject_queue_bytes",
+                "must be at least limits.max_stanza_bytes, or one stanza may never fit",
+            ));
+        }
         if self.read_buffer_bytes < 512 {
             return Err(ConfigError::new(
                 "limits.read_buffer_bytes",
@@ -729,6 +759,8 @@ impl LimitsConfig {
             ("tls_handshake_timeout", self.tls_handshake_timeout),
             ("pre_auth_timeout", self.pre_auth_timeout),
             ("upstream_connect_timeout", self.upstream_connect_timeout),
+            ("write_timeout", self.write_timeout),
+            ("close_wait", self.close_wait),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::new(

@@ -11,10 +11,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::config::Config;
-use crate::group::monitor::GroupStatus;
+use crate::group::GroupStatus;
 use crate::group::{NodeId, NodeState};
 use crate::proxy::Proxy;
-use crate::proxy::Shared;
+use crate::proxy::ProxyView;
 use crate::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
 
 const DOMAIN: &str = "example.com";
@@ -106,7 +106,7 @@ initial_heartbeat_timeout = "5s"
         .map_err(|x| e("proxy")(x.to_string()))?;
     let starttls = proxy.starttls_addr().ok_or("no STARTTLS listener")?;
     let direct = proxy.direct_tls_addr().ok_or("no direct-TLS listener")?;
-    let shared = proxy.shared();
+    let shared = proxy.view();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let proxy_task = tokio::spawn(proxy.run(async move {
         let _ = stop_rx.await;
@@ -115,10 +115,10 @@ initial_heartbeat_timeout = "5s"
     say(format!(
         "STARTTLS on {starttls}, direct TLS (XEP-0368) on {direct}"
     ));
-    shared.learn_mechanisms().await;
+    shared.mechanisms.wait_learned(WAIT).await;
     say(format!(
         "SASL mechanisms learned from the nodes: {}",
-        shared.mechanisms().join(", ")
+        shared.mechanisms.get().join(", ")
     ));
 
     step("clients log in through the proxy");
@@ -154,11 +154,11 @@ initial_heartbeat_timeout = "5s"
             .tracker
             .lookup(&bare)
             .and_then(|u| u.sessions.first().map(|s| s.node))
-            .map_or("?", |n| names[n]);
+            .map_or("?", |n| names[n.index()]);
         say(format!(
             "{jid:<28} {mech:<12} over {:<10} home {} → bound on {on}",
             if direct_tls { "direct TLS" } else { "STARTTLS" },
-            names[home]
+            names[home.index()]
         ));
         clients.push((user, c));
     }
@@ -227,7 +227,7 @@ initial_heartbeat_timeout = "5s"
     ));
 
     step("what the proxy's session tracker knows");
-    for (i, n) in names.iter().enumerate() {
+    for (i, n) in NodeId::ALL.into_iter().zip(names) {
         let mut jids: Vec<String> = shared
             .tracker
             .sessions_on(i)
@@ -322,7 +322,7 @@ initial_heartbeat_timeout = "5s"
     show_group(&st);
     shared
         .group
-        .fallback(0)
+        .fallback(NodeId::Node1)
         .await
         .map_err(|x| format!("fallback: {x}"))?;
     let st = wait_status(&mut status, |s| both(s, NodeState::Normal)).await?;
@@ -399,10 +399,10 @@ fn show_group(s: &GroupStatus) {
     }
 }
 
-fn bound_on(shared: &Shared, bare: &str) -> &'static str {
+fn bound_on(shared: &ProxyView, bare: &str) -> &'static str {
     shared
         .tracker
         .lookup(bare)
         .and_then(|u| u.sessions.first().map(|s| s.node))
-        .map_or("?", |n| ["imp1", "imp2"][n.min(1)])
+        .map_or("?", |n| ["imp1", "imp2"][n.index()])
 }

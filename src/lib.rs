@@ -5,29 +5,47 @@
 //!
 //! ## Layout
 //!
+//! Leaves first; no module imports one listed after it, and none imports
+//! [`proxy`], which builds every part's narrow context once at start.
+//!
+//! - [`node`] — which node of the pair: the one node identity.
 //! - [`config`] — TOML configuration, validated before anything is bound.
-//! - [`proxy`] — shared state, listeners, accept loops, graceful shutdown.
-//! - [`connection`] — one client connection, phase by phase, with `run()`.
-//! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
-//! - [`upstream`] — node addresses (host:port, DNS SRV) and node streams.
-//! - [`group`] — the redundancy group: recovery-manager state machine, probes,
-//!   and the monitor that drives both and re-routes users.
-//! - [`route`] — user assignment (home node) and who serves each home now.
-//! - [`tracker`] — every user's JSM sessions, per node: the hot path.
+//! - [`metrics`] — counters, readable at any time.
+//! - [`control`] — how the proxy talks to a live connection (evict,
+//!   inject), never blocking.
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,
 //!   stream and error builders.
-//! - [`sim`] — a simulated IM&P node pair and client, for the demo, the tests
-//!   and the benchmarks.
-//! - [`demo`] — the built-in demonstration.
+//! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
+//! - [`upstream`] — node addresses (host:port, DNS SRV), node streams, the
+//!   mechanisms learned from the nodes.
+//! - [`route`] — user assignment (home node) and who serves each home now.
+//! - [`tracker`] — every user's JSM sessions, per node: the hot path.
+//! - [`group`] — the redundancy group: recovery-manager state machine,
+//!   probes, the monitor that drives both, and the group's handle.
+//! - [`failover`] — what a move means for users: closing their streams
+//!   (and knowing when that is done), admitting their logins again.
+//! - [`connection`] — one client connection, phase by phase, its relay and
+//!   its stanza hooks.
+//! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
+//!   read-only [`proxy::ProxyView`] for the outside.
+//! - [`sim`] — (feature `sim`) a simulated IM&P node pair and client, for
+//!   the demo, the tests and the benchmarks.
+//! - [`demo`] — (feature `sim`) the built-in demonstration.
 
 pub mod config;
 pub mod connection;
+pub mod control;
+#[cfg(feature = "sim")]
 pub mod demo;
+pub mod failover;
 pub mod group;
 pub mod logging;
+pub mod metrics;
+pub mod node;
 pub mod proxy;
 pub mod route;
 pub mod signals;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod tls;
 pub mod tracker;

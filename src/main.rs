@@ -97,6 +97,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
         }
+        #[cfg(feature = "sim")]
         Command::Demo => rt.block_on(async {
             match prg_proxy::demo::run(prg_proxy::signals::terminated()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +107,11 @@ fn main() -> ExitCode {
                 }
             }
         }),
+        #[cfg(not(feature = "sim"))]
+        Command::Demo => {
+            eprintln!("prg-proxy demo: this build has no simulated nodes (built without the `sim` feature)");
+            ExitCode::FAILURE
+        }
         Command::GenCert { out, names } => {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             match prg_proxy::tls::dev_certs(&refs) {

@@ -1,172 +1,33 @@
-//! The proxy as a whole: shared state, listeners, the accept loops and
-//! graceful shutdown.
+//! The proxy as a whole: builds each part's context once at start, binds
+//! the listeners, runs the accept loops, the group monitor and the failover
+//! module, and shuts down gracefully.
+//!
+//! Nothing else imports this module but the outermost layers (the binary,
+//! the demo, tests): every part gets only the narrow context it needs
+//! ([`ConnContext`], [`MonitorContext`], [`FailoverContext`]), and readers
+//! from outside get a [`ProxyView`].
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
-use tracing::{debug, error, info, warn};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::connection::ClientConnection;
-use crate::group::monitor::{self, GroupHandle, GroupStatus};
-use crate::route::{Assignment, NodeIndex, Routing};
-use crate::tls::{server_tls, ServerTls};
+use crate::connection::{Accepted, ClientConnection, ConnContext};
+use crate::failover::{self, Admission, FailoverContext};
+use crate::group::monitor::{self, MonitorContext, MoveOrder};
+use crate::group::{GroupHandle, GroupStatus, UsersCannotBeAdded};
+use crate::metrics::Metrics;
+use crate::node::NodeId;
+use crate::route::{AssignError, Assignment, Routing};
+use crate::tls::server_tls;
 use crate::tracker::Tracker;
-use crate::upstream::{Dns, Upstream};
-
-/// Mechanisms offered before any node has answered.
-const FALLBACK_MECHANISMS: [&str; 2] = ["SCRAM-SHA-1", "PLAIN"];
-
-/// Counters, readable at any time (the admin page shows them).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Connections accepted.
-    pub connections_total: AtomicU64,
-    /// Connections open now.
-    pub connections_active: AtomicU64,
-    /// Logins routed to a node (`<auth>` forwarded).
-    pub logins_routed: AtomicU64,
-    /// Stanzas client → node.
-    pub stanzas_up: AtomicU64,
-    /// Stanzas node → client.
-    pub stanzas_down: AtomicU64,
-    /// Bytes client → node.
-    pub bytes_up: AtomicU64,
-    /// Bytes node → client.
-    pub bytes_down: AtomicU64,
-    /// Node connection failures seen by the relay.
-    pub node_failures: AtomicU64,
-    /// Node state transitions of the redundancy group.
-    pub group_transitions: AtomicU64,
-    /// Routing changes (a home's users moved to another node or to none).
-    pub group_moves: AtomicU64,
-    /// Streams closed because their user's home moved.
-    pub group_evictions: AtomicU64,
-}
-
-/// What every connection shares.
-pub struct Shared {
-    /// The validated configuration.
-    pub config: Config,
-    /// The group's nodes.
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Resolver for SRV node names.
-    pub dns: Dns,
-    /// Users' home nodes.
-    pub assignment: Assignment,
-    /// Which node serves each home now.
-    pub routing: Routing,
-    /// JSM sessions.
-    pub tracker: Tracker,
-    /// Client-facing TLS.
-    pub tls: ServerTls,
-    /// SASL mechanisms offered to clients, learned from the nodes.
-    mechanisms: RwLock<Arc<Vec<String>>>,
-    /// Counters.
-    pub metrics: Metrics,
-    /// The redundancy group monitor: its published view, the
-    /// administrator's operations, and where relay failures are reported.
-    pub group: GroupHandle,
-    next_conn: AtomicU64,
-}
-
-impl Shared {
-    /// The SASL mechanisms to offer now.
-    pub fn mechanisms(&self) -> Arc<Vec<String>> {
-        match self.mechanisms.read() {
-            Ok(m) => m.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    /// Replaces the offered mechanisms (never with `-PLUS` ones).
-    pub fn set_mechanisms(&self, mut m: Vec<String>) {
-        m.retain(|x| !x.ends_with("-PLUS"));
-        if m.is_empty() {
-            return;
-        }
-        let mut g = match self.mechanisms.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if **g != m {
-            info!(mechanisms = ?m, "SASL mechanisms offered to clients");
-            *g = Arc::new(m);
-        }
-    }
-
-    /// Adds a user to the assignment (balanced: pins the user's home;
-    /// `none`: lets the user log in). Refused while a node of the group is
-    /// failed over or users are moving, as the source requires.
-    pub fn add_user(&self, bare: &str, node: NodeIndex) -> Result<(), crate::route::AddUserError> {
-        self.group.can_add_users()?;
-        self.assignment.add(bare, node)?;
-        info!(user = %bare, node = %self.config.nodes[node].name, "user added to the assignment");
-        Ok(())
-    }
-
-    /// The relay saw a node connection fail (evidence for the health
-    /// monitor).
-    pub fn note_node_failure(&self, node: NodeIndex) {
-        self.metrics.node_failures.fetch_add(1, Ordering::Relaxed);
-        debug!(node, "node connection failure");
-        self.group.note_failure(node, self.tracker.count_on(node));
-    }
-
-    /// The redundancy group's current view, updated after every change (for
-    /// the status page and the admin API).
-    pub fn group_status(&self) -> watch::Receiver<GroupStatus> {
-        self.group.subscribe()
-    }
-
-    /// Opens a stream to each node (concurrently, each bounded by the
-    /// upstream connect timeout) and offers the mechanisms that every
-    /// answering node supports.
-    pub async fn learn_mechanisms(&self) {
-        let domain = &self.config.group.domains[0];
-        let limits = &self.config.limits;
-        let open = |i: usize| async move {
-            match self.upstreams.get(i) {
-                Some(u) => Some((
-                    u,
-                    u.open(
-                        &self.dns,
-                        domain,
-                        limits.max_stanza_bytes,
-                        limits.upstream_connect_timeout,
-                    )
-                    .await,
-                )),
-                None => None,
-            }
-        };
-        // A group has at most two nodes: ask both at once.
-        let (first, second) = tokio::join!(open(0), open(1));
-        let mut common: Option<Vec<String>> = None;
-        for (u, r) in [first, second].into_iter().flatten() {
-            match r {
-                Ok(mut s) => {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = s.io.write_all(b"</stream:stream>").await;
-                    let m = s.features.mechanisms;
-                    common = Some(match common {
-                        None => m,
-                        Some(c) => c.into_iter().filter(|x| m.contains(x)).collect(),
-                    });
-                }
-                Err(e) => warn!(node = %u.name, error = %e, "cannot learn SASL mechanisms"),
-            }
-        }
-        if let Some(m) = common {
-            self.set_mechanisms(m);
-        }
-    }
-}
+use crate::upstream::{Mechanisms, Nodes};
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -184,11 +45,76 @@ pub enum StartError {
     },
 }
 
+/// Why a user could not be added to the assignment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddUserError {
+    /// The group is failed over (source: users cannot be added then).
+    #[error(transparent)]
+    DuringFailover(#[from] UsersCannotBeAdded),
+    /// The assignment mode or the node does not allow it.
+    #[error(transparent)]
+    Assignment(#[from] crate::route::AddUserError),
+}
+
+/// What the outside (the admin surface, the demo, tests) may see and ask:
+/// the group's view and operations, the tracker, the assignment, counters.
+#[derive(Clone)]
+pub struct ProxyView {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The group: its view and the administrator's operations.
+    pub group: Arc<GroupHandle>,
+    /// JSM sessions.
+    pub tracker: Arc<Tracker>,
+    /// Users' home nodes.
+    pub assignment: Arc<Assignment>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The SASL mechanisms offered to clients.
+    pub mechanisms: Arc<Mechanisms>,
+}
+
+impl ProxyView {
+    /// The redundancy group's current view, updated after every change.
+    pub fn group_status(&self) -> watch::Receiver<GroupStatus> {
+        self.group.subscribe()
+    }
+
+    /// A user's home node.
+    pub fn home(&self, bare: &str) -> Result<NodeId, AssignError> {
+        self.assignment.home(bare)
+    }
+
+    /// The node with this configured name.
+    pub fn node_named(&self, name: &str) -> Option<NodeId> {
+        NodeId::ALL
+            .into_iter()
+            .zip(&self.config.nodes)
+            .find(|(_, n)| n.name == name)
+            .map(|(id, _)| id)
+    }
+
+    /// Adds a user to the assignment (balanced: pins the user's home;
+    /// `none`: lets the user log in). Refused while a node of the group is
+    /// failed over or users are moving, as the source requires.
+    pub fn add_user(&self, bare: &str, node: NodeId) -> Result<(), AddUserError> {
+        self.group.can_add_users()?;
+        self.assignment.add(bare, node)?;
+        info!(user = %bare, node = %self.config.nodes.get(node.index()).map_or("", |n| n.name.as_str()), "user added to the assignment");
+        Ok(())
+    }
+}
+
 /// A bound, not yet running proxy.
 pub struct Proxy {
-    shared: Arc<Shared>,
+    conn: Arc<ConnContext>,
+    monitor: MonitorContext,
+    failover: FailoverContext,
+    orders: mpsc::UnboundedReceiver<MoveOrder>,
+    view: ProxyView,
     starttls: Option<TcpListener>,
     direct: Option<TcpListener>,
+    next_conn: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -197,10 +123,17 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         config.validate()?;
         let tls = server_tls(&config.tls)?;
-        let overrides = config.load_assignment_overrides()?;
-        let assignment = Assignment::new(config.group.assignment, &config.node_names(), overrides);
-        let upstreams = Upstream::from_config(&config)?;
-        let dns = Dns::new(&config.dns)?;
+        let overrides = config
+            .load_assignment_overrides()?
+            .into_iter()
+            .filter_map(|(jid, i)| NodeId::from_index(i).map(|n| (jid, n)))
+            .collect();
+        let assignment = Arc::new(Assignment::new(
+            config.group.assignment,
+            &config.node_names(),
+            overrides,
+        ));
+        let nodes = Arc::new(Nodes::from_config(&config)?);
         let bind = |a: Option<SocketAddr>| async move {
             match a {
                 None => Ok(None),
@@ -212,25 +145,63 @@ impl Proxy {
         };
         let starttls = bind(config.listen.starttls).await?;
         let direct = bind(config.listen.direct_tls).await?;
-        let shared = Arc::new(Shared {
-            upstreams,
-            dns,
-            assignment,
-            routing: Routing::new(),
-            tracker: Tracker::new(),
+
+        let config = Arc::new(config);
+        let routing = Arc::new(Routing::new());
+        let tracker = Arc::new(Tracker::new());
+        let mechanisms = Arc::new(Mechanisms::default());
+        let metrics = Arc::new(Metrics::default());
+        let group = Arc::new(GroupHandle::new(&config));
+        let (orders_tx, orders) = mpsc::unbounded_channel();
+        let conn = Arc::new(ConnContext {
+            limits: config.limits.clone(),
+            domains: config.group.domains.clone(),
             tls,
-            mechanisms: RwLock::new(Arc::new(
-                FALLBACK_MECHANISMS.iter().map(|s| s.to_string()).collect(),
-            )),
-            metrics: Metrics::default(),
-            group: GroupHandle::new(&config),
-            next_conn: AtomicU64::new(1),
-            config,
+            nodes: nodes.clone(),
+            assignment: assignment.clone(),
+            routing: routing.clone(),
+            tracker: tracker.clone(),
+            mechanisms: mechanisms.clone(),
+            metrics: metrics.clone(),
+            group: group.clone(),
+            admission: Arc::new(Admission::new()),
+            hooks: Vec::new(),
         });
+        let monitor = MonitorContext {
+            config: config.clone(),
+            nodes: nodes.clone(),
+            routing,
+            tracker: tracker.clone(),
+            mechanisms: mechanisms.clone(),
+            metrics: metrics.clone(),
+            handle: group.clone(),
+            moves: Some(orders_tx),
+        };
+        let failover = FailoverContext {
+            tracker: tracker.clone(),
+            nodes,
+            metrics: metrics.clone(),
+            // Each connection closes within its write deadline; twice that
+            // covers a batch already pending when the eviction came.
+            eviction_timeout: config.limits.write_timeout * 2 + Duration::from_secs(1),
+        };
+        let view = ProxyView {
+            config,
+            group,
+            tracker,
+            assignment,
+            metrics,
+            mechanisms,
+        };
         Ok(Proxy {
-            shared,
+            conn,
+            monitor,
+            failover,
+            orders,
+            view,
             starttls,
             direct,
+            next_conn: Arc::new(AtomicU64::new(1)),
         })
     }
 
@@ -244,36 +215,59 @@ impl Proxy {
         self.direct.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// The shared state (for the admin surface, the demo and tests).
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
+    /// What the outside may see and ask (the admin surface, the demo, tests).
+    pub fn view(&self) -> ProxyView {
+        self.view.clone()
     }
 
     /// Runs until `shutdown` completes, then stops accepting, sends
     /// `<system-shutdown/>` to every client and waits up to the grace
     /// period for connections to end.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let shared = self.shared;
+        let Proxy {
+            conn,
+            monitor,
+            failover,
+            orders,
+            view,
+            starttls,
+            direct,
+            next_conn,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let max = shared.config.limits.max_connections;
+        let max = conn.limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
 
-        // Offer the right mechanisms from the first client on; the
-        // heartbeats keep them current afterwards.
-        shared.learn_mechanisms().await;
-        let monitor = monitor::spawn(shared.clone());
+        let evictor = failover::spawn(failover, orders);
+        let monitor = monitor::spawn(monitor);
+        // Offer the nodes' own mechanisms from the first client on: wait
+        // (bounded) for each node's first heartbeat, which reads them.
+        let first_round = async {
+            let mut rx = view.group.subscribe();
+            let _ = rx
+                .wait_for(|s| {
+                    s.nodes.iter().all(|n| {
+                        n.name.is_none()
+                            || n.last_heartbeat_ok.is_some()
+                            || n.last_heartbeat_error.is_some()
+                    })
+                })
+                .await;
+        };
+        let _ = tokio::time::timeout(conn.limits.upstream_connect_timeout, first_round).await;
 
         let mut accepts = Vec::new();
-        for (listener, direct) in [(self.starttls, false), (self.direct, true)] {
+        for (listener, direct) in [(starttls, false), (direct, true)] {
             if let Some(l) = listener {
                 info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
                       tls = if direct { "direct" } else { "starttls" }, "listening");
                 accepts.push(tokio::spawn(accept_loop(
                     l,
                     direct,
-                    shared.clone(),
+                    conn.clone(),
                     slots.clone(),
                     stop_rx.clone(),
+                    next_conn.clone(),
                 )));
             }
         }
@@ -283,13 +277,14 @@ impl Proxy {
             a.abort();
         }
         monitor.abort();
+        evictor.abort();
         let _ = stop_tx.send(true);
-        let grace = shared.config.limits.shutdown_grace;
+        let grace = conn.limits.shutdown_grace;
         let drained = tokio::time::timeout(grace, slots.acquire_many(max as u32)).await;
         match drained {
             Ok(_) => info!("all connections closed"),
             Err(_) => warn!(
-                open = shared.metrics.connections_active.load(Ordering::Relaxed),
+                open = view.metrics.connections_active.load(Ordering::Relaxed),
                 ?grace,
                 "grace period over; dropping the remaining connections"
             ),
@@ -300,9 +295,10 @@ impl Proxy {
 async fn accept_loop(
     listener: TcpListener,
     direct: bool,
-    shared: Arc<Shared>,
+    ctx: Arc<ConnContext>,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
+    next_conn: Arc<AtomicU64>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -324,14 +320,18 @@ async fn accept_loop(
                 continue;
             }
         };
-        shared
-            .metrics
+        ctx.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-        let conn = ClientConnection::new(id, peer, direct, shared.clone(), stop.clone());
+        let id = next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = ClientConnection::new(id, ctx.clone(), stop.clone());
+        let accepted = Accepted {
+            tcp,
+            peer,
+            direct_tls: direct,
+        };
         tokio::spawn(async move {
-            conn.run(tcp).await;
+            conn.run(accepted).await;
             drop(permit);
         });
     }

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::RwLock;
 
 use crate::config::AssignmentMode;
-
-/// A node of the group, by position in the config (0 = node 1).
-pub type NodeIndex = usize;
+use crate::node::{NodeId, PAIR};
 
 /// The user assignment: bare JID → home node.
 #[derive(Debug)]
@@ -20,7 +18,7 @@ pub struct Assignment {
     /// Explicit per-user assignments: overrides in balanced mode, the only
     /// assigned users in mode `none`. Read on every login, written when an
     /// administrator adds a user.
-    overrides: RwLock<HashMap<String, NodeIndex>>,
+    overrides: RwLock<HashMap<String, NodeId>>,
 }
 
 /// Why a user has no home node.
@@ -37,12 +35,9 @@ pub enum AddUserError {
     /// Active/standby puts every user on node 1; there is nothing to choose.
     #[error("assignment mode active-standby puts every user on node 1; users are not assigned one by one")]
     ActiveStandby,
-    /// The node index is not one of the group's nodes.
-    #[error("the group has no node {0}")]
-    NoSuchNode(usize),
-    /// The group is failed over (source: users cannot be added then).
-    #[error(transparent)]
-    DuringFailover(#[from] crate::group::monitor::UsersCannotBeAdded),
+    /// The group has no such node (a one-node group has no node 2).
+    #[error("the group has no {0}")]
+    NoSuchNode(NodeId),
 }
 
 impl Assignment {
@@ -50,7 +45,7 @@ impl Assignment {
     pub fn new(
         mode: AssignmentMode,
         node_names: &[String],
-        overrides: HashMap<String, NodeIndex>,
+        overrides: HashMap<String, NodeId>,
     ) -> Self {
         Assignment {
             mode,
@@ -69,7 +64,7 @@ impl Assignment {
     /// Balanced mode uses rendezvous (highest random weight) hashing on the
     /// bare JID: stable across restarts and versions, even over the nodes,
     /// and independent of the order users arrive in.
-    pub fn home(&self, bare: &str) -> Result<NodeIndex, AssignError> {
+    pub fn home(&self, bare: &str) -> Result<NodeId, AssignError> {
         let explicit = || {
             let o = match self.overrides.read() {
                 Ok(o) => o,
@@ -81,17 +76,17 @@ impl Assignment {
             AssignmentMode::None => {
                 explicit().ok_or_else(|| AssignError::NotAssigned(bare.to_string()))
             }
-            AssignmentMode::ActiveStandby => Ok(0),
+            AssignmentMode::ActiveStandby => Ok(NodeId::Node1),
             AssignmentMode::Balanced => {
                 if let Some(n) = explicit() {
                     return Ok(n);
                 }
                 let h = fnv1a(bare.as_bytes());
-                let mut best = (0u64, 0);
-                for (i, seed) in self.node_seeds.iter().enumerate() {
+                let mut best = (0u64, NodeId::Node1);
+                for (node, seed) in NodeId::ALL.into_iter().zip(&self.node_seeds) {
                     let score = mix(h ^ seed);
-                    if i == 0 || score > best.0 {
-                        best = (score, i);
+                    if node == NodeId::Node1 || score > best.0 {
+                        best = (score, node);
                     }
                 }
                 Ok(best.1)
@@ -101,12 +96,12 @@ impl Assignment {
 
     /// Assigns a (lower-case) bare JID to `node`: an override in balanced
     /// mode, an assigned user in mode `none`. Whether the group allows it
-    /// now is the caller's check (see `Shared::add_user`).
-    pub fn add(&self, bare: &str, node: NodeIndex) -> Result<(), AddUserError> {
+    /// now is the caller's check (the group's `can_add_users`).
+    pub fn add(&self, bare: &str, node: NodeId) -> Result<(), AddUserError> {
         if self.mode == AssignmentMode::ActiveStandby {
             return Err(AddUserError::ActiveStandby);
         }
-        if node >= self.node_seeds.len() {
+        if node.index() >= self.node_seeds.len() {
             return Err(AddUserError::NoSuchNode(node));
         }
         let mut o = match self.overrides.write() {
@@ -142,7 +137,7 @@ const NOBODY: u8 = u8::MAX;
 /// login, written by the group controller on failover and fallback.
 #[derive(Debug)]
 pub struct Routing {
-    serving: [AtomicU8; 2],
+    serving: [AtomicU8; PAIR],
 }
 
 impl Routing {
@@ -154,16 +149,16 @@ impl Routing {
     }
 
     /// The node serving users whose home is `home`, if any.
-    pub fn serving(&self, home: NodeIndex) -> Option<NodeIndex> {
-        let v = self.serving.get(home)?.load(Ordering::Acquire);
-        (v != NOBODY).then_some(v as usize)
+    pub fn serving(&self, home: NodeId) -> Option<NodeId> {
+        let v = self.serving[home.index()].load(Ordering::Acquire);
+        NodeId::from_index(usize::from(v))
     }
 
     /// Sets who serves `home`'s users (`None`: nobody can).
-    pub fn set(&self, home: NodeIndex, by: Option<NodeIndex>) {
-        if let Some(slot) = self.serving.get(home) {
-            slot.store(by.map_or(NOBODY, |n| n as u8), Ordering::Release);
-        }
+    pub fn set(&self, home: NodeId, by: Option<NodeId>) {
+        // At most `PAIR` nodes: an index always fits in a byte.
+        let v = by.map_or(NOBODY, |n| n.index() as u8);
+        self.serving[home.index()].store(v, Ordering::Release);
     }
 }
 
@@ -176,6 +171,8 @@ impl Default for Routing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    const N1: NodeId = NodeId::Node1;
+    const N2: NodeId = NodeId::Node2;
 
     fn names() -> Vec<String> {
         vec!["imp1".into(), "imp2".into()]
@@ -185,7 +182,7 @@ mod tests {
     fn active_standby_homes_everyone_on_node_1() {
         let a = Assignment::new(AssignmentMode::ActiveStandby, &names(), HashMap::new());
         for u in ["a@x", "b@x", "zed@example.com"] {
-            assert_eq!(a.home(u), Ok(0));
+            assert_eq!(a.home(u), Ok(N1));
         }
     }
 
@@ -204,7 +201,7 @@ mod tests {
         let a = Assignment::new(AssignmentMode::Balanced, &names(), HashMap::new());
         let n = 20_000;
         let on_1 = (0..n)
-            .filter(|i| a.home(&format!("user{i}@example.com")) == Ok(1))
+            .filter(|i| a.home(&format!("user{i}@example.com")) == Ok(N2))
             .count();
         let share = on_1 as f64 / n as f64;
         assert!((0.48..0.52).contains(&share), "share on node 2: {share}");
@@ -224,45 +221,52 @@ mod tests {
         .iter()
         .map(|u| a.home(u).unwrap())
         .collect();
-        assert_eq!(pinned, [0, 0, 0, 1], "rendezvous answer must never change");
+        assert_eq!(
+            pinned,
+            [N1, N1, N1, N2],
+            "rendezvous answer must never change"
+        );
     }
 
     #[test]
     fn balanced_overrides_win() {
         let mut o = HashMap::new();
-        o.insert("alice@example.com".to_string(), 1);
+        o.insert("alice@example.com".to_string(), N2);
         let a = Assignment::new(AssignmentMode::Balanced, &names(), o);
-        assert_eq!(a.home("alice@example.com"), Ok(1));
+        assert_eq!(a.home("alice@example.com"), Ok(N2));
     }
 
     #[test]
     fn users_can_be_added() {
         let a = Assignment::new(AssignmentMode::None, &names(), HashMap::new());
         assert!(a.home("new@example.com").is_err());
-        a.add("New@example.com", 1).unwrap();
-        assert_eq!(a.home("new@example.com"), Ok(1));
-        assert_eq!(a.add("x@example.com", 2), Err(AddUserError::NoSuchNode(2)));
+        a.add("New@example.com", N2).unwrap();
+        assert_eq!(a.home("new@example.com"), Ok(N2));
+        let one = Assignment::new(AssignmentMode::None, &["only".into()], HashMap::new());
+        assert_eq!(
+            one.add("x@example.com", N2),
+            Err(AddUserError::NoSuchNode(N2))
+        );
         let b = Assignment::new(AssignmentMode::ActiveStandby, &names(), HashMap::new());
-        assert_eq!(b.add("x@example.com", 1), Err(AddUserError::ActiveStandby));
+        assert_eq!(b.add("x@example.com", N2), Err(AddUserError::ActiveStandby));
         let c = Assignment::new(AssignmentMode::Balanced, &names(), HashMap::new());
-        c.add("alice@example.com", 1).unwrap();
-        assert_eq!(c.home("alice@example.com"), Ok(1));
+        c.add("alice@example.com", N2).unwrap();
+        assert_eq!(c.home("alice@example.com"), Ok(N2));
     }
 
     #[test]
     fn one_node_group() {
         let a = Assignment::new(AssignmentMode::Balanced, &["only".into()], HashMap::new());
-        assert_eq!(a.home("x@y"), Ok(0));
+        assert_eq!(a.home("x@y"), Ok(N1));
     }
 
     #[test]
     fn routing_follows_the_controller() {
         let r = Routing::new();
-        assert_eq!((r.serving(0), r.serving(1)), (Some(0), Some(1)));
-        r.set(0, Some(1));
-        assert_eq!(r.serving(0), Some(1));
-        r.set(1, None);
-        assert_eq!(r.serving(1), None);
-        assert_eq!(r.serving(5), None);
+        assert_eq!((r.serving(N1), r.serving(N2)), (Some(N1), Some(N2)));
+        r.set(N1, Some(N2));
+        assert_eq!(r.serving(N1), Some(N2));
+        r.set(N2, None);
+        assert_eq!(r.serving(N2), None);
     }
 }

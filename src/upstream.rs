@@ -18,7 +18,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{split_host_port, Config, ConfigError, DnsConfig, NodeConfig, UpstreamTls};
-use crate::route::NodeIndex;
+use crate::node::NodeId;
 use crate::xmpp::framer::{FrameKind, Framer};
 use crate::xmpp::stream::{self, NodeFeatures, StreamHeader};
 
@@ -85,8 +85,8 @@ enum Target {
 
 /// One node of the group.
 pub struct Upstream {
-    /// Position in the config (0 = node 1).
-    pub index: NodeIndex,
+    /// Node 1 or node 2 of the group.
+    pub id: NodeId,
     /// Node name.
     pub name: String,
     target: Target,
@@ -107,6 +107,151 @@ pub struct NodeStream {
     pub features: NodeFeatures,
     /// The address connected to.
     pub addr: SocketAddr,
+}
+
+/// The group's nodes as the proxy reaches them: addresses, TLS towards
+/// each, the resolver, and the stanza limit of every node stream. Built
+/// once at start; the relay and the monitor open streams through it alike,
+/// so that "the heartbeat works" means "a login can be routed there".
+pub struct Nodes {
+    nodes: Vec<Upstream>,
+    dns: Dns,
+    /// The default served domain (heartbeats and the monitor login use it).
+    domain: String,
+    max_stanza_bytes: usize,
+}
+
+impl Nodes {
+    /// The node table of a validated config.
+    pub fn from_config(config: &Config) -> Result<Nodes, ConfigError> {
+        let domain = config.group.domains[0].clone();
+        let nodes = NodeId::ALL
+            .into_iter()
+            .zip(&config.nodes)
+            .map(|(id, n)| Upstream::new(id, n, &domain))
+            .collect::<Result<_, _>>()?;
+        Ok(Nodes {
+            nodes,
+            dns: Dns::new(&config.dns)?,
+            domain,
+            max_stanza_bytes: config.limits.max_stanza_bytes,
+        })
+    }
+
+    /// A configured node.
+    pub fn get(&self, id: NodeId) -> Option<&Upstream> {
+        self.nodes.get(id.index())
+    }
+
+    /// The configured nodes, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Upstream> {
+        self.nodes.iter()
+    }
+
+    /// A node's name, or `(none)` for the empty slot of a one-node group.
+    pub fn name(&self, id: NodeId) -> &str {
+        self.get(id).map_or("(none)", |u| u.name.as_str())
+    }
+
+    /// The default served domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Opens a stream to `id` for `domain` (see [`Upstream::open`]).
+    pub async fn open(
+        &self,
+        id: NodeId,
+        domain: &str,
+        timeout: Duration,
+    ) -> Result<NodeStream, UpstreamError> {
+        let u = self.get(id).ok_or_else(|| UpstreamError::Protocol {
+            node: id.to_string(),
+            what: "not configured".into(),
+        })?;
+        u.open(&self.dns, domain, self.max_stanza_bytes, timeout)
+            .await
+    }
+
+    /// The node's addresses, resolved within `timeout`; never empty.
+    pub async fn addresses(
+        &self,
+        id: NodeId,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, String> {
+        let Some(u) = self.get(id) else {
+            return Err(format!("{id} is not configured"));
+        };
+        match tokio::time::timeout(timeout, u.resolve(&self.dns)).await {
+            Ok(Ok(a)) if !a.is_empty() => Ok(a),
+            Ok(Ok(_)) => Err(format!("node {}: no address", u.name)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "node {}: name resolution took over {timeout:?}",
+                u.name
+            )),
+        }
+    }
+}
+
+/// The SASL mechanisms offered to clients: what every answering node
+/// offers, never a `-PLUS` one. Written by the monitor's heartbeats, read by
+/// every login.
+pub struct Mechanisms {
+    current: std::sync::RwLock<Arc<Vec<String>>>,
+    learned: tokio::sync::watch::Sender<bool>,
+}
+
+/// Mechanisms offered before any node has answered.
+const FALLBACK_MECHANISMS: [&str; 2] = ["SCRAM-SHA-1", "PLAIN"];
+
+impl Default for Mechanisms {
+    fn default() -> Self {
+        Mechanisms {
+            current: std::sync::RwLock::new(Arc::new(
+                FALLBACK_MECHANISMS.iter().map(|s| s.to_string()).collect(),
+            )),
+            learned: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Mechanisms {
+    /// The mechanisms to offer now.
+    pub fn get(&self) -> Arc<Vec<String>> {
+        match self.current.read() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the offered mechanisms (never with `-PLUS` ones, never with
+    /// none).
+    pub fn set(&self, mut m: Vec<String>) {
+        m.retain(|x| !x.ends_with("-PLUS"));
+        if m.is_empty() {
+            return;
+        }
+        let mut g = match self.current.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if **g != m {
+            tracing::info!(mechanisms = ?m, "SASL mechanisms offered to clients");
+            *g = Arc::new(m);
+        }
+        drop(g);
+        self.learned.send_replace(true);
+    }
+
+    /// Waits until a node has told its mechanisms, at most `timeout`.
+    /// Returns whether it did.
+    pub async fn wait_learned(&self, timeout: Duration) -> bool {
+        let mut rx = self.learned.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
 }
 
 /// DNS resolver for SRV node addresses.
@@ -182,16 +327,8 @@ impl Dns {
 
 impl Upstream {
     /// Builds the node table from a validated config.
-    pub fn from_config(config: &Config) -> Result<Vec<Arc<Upstream>>, ConfigError> {
-        config
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| Upstream::new(i, n, &config.group.domains[0]).map(Arc::new))
-            .collect()
-    }
-
-    fn new(index: NodeIndex, n: &NodeConfig, domain: &str) -> Result<Upstream, ConfigError> {
+    fn new(id: NodeId, n: &NodeConfig, domain: &str) -> Result<Upstream, ConfigError> {
+        let index = id.index();
         let target = match (&n.address, &n.srv) {
             (Some(a), _) => {
                 let (h, p) = split_host_port(a).ok_or_else(|| {
@@ -225,7 +362,7 @@ impl Upstream {
             Target::Srv(_) => domain.to_string(),
         });
         Ok(Upstream {
-            index,
+            id,
             name: n.name.clone(),
             target,
             tls: n.tls,

@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn starttls_users_on_different_nodes_chat_and_see_presence() {
     let g = TestGroup::start().await;
     // Balanced, rendezvous-hashed: alice is homed on node 1, dave on node 2.
-    assert_eq!(g.shared.assignment.home("alice@example.com"), Ok(0));
-    assert_eq!(g.shared.assignment.home("dave@example.com"), Ok(1));
+    assert_eq!(g.view.assignment.home("alice@example.com"), Ok(N1));
+    assert_eq!(g.view.assignment.home("dave@example.com"), Ok(N2));
 
     let mut alice = g.login("alice", "SCRAM-SHA-1", "desk").await;
     let mut dave = g.login("dave", "PLAIN", "phone").await;
@@ -52,19 +52,19 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
     assert_eq!(m.attr("from"), Some("alice@example.com/desk"));
 
     // The tracker saw both binds on the right nodes and alice's presence.
-    let a = g.shared.tracker.lookup("alice@example.com").unwrap();
+    let a = g.view.tracker.lookup("alice@example.com").unwrap();
     assert_eq!(a.sessions.len(), 1);
-    assert_eq!(a.sessions[0].node, 0);
+    assert_eq!(a.sessions[0].node, N1);
     assert_eq!(a.sessions[0].full_jid.as_ref(), "alice@example.com/desk");
     assert_eq!(a.sessions[0].presence.show, prg_proxy::tracker::Show::Dnd);
-    let d = g.shared.tracker.lookup("dave@example.com").unwrap();
-    assert_eq!(d.sessions[0].node, 1);
-    assert_eq!(g.shared.tracker.count_on(0), 1);
-    assert_eq!(g.shared.tracker.count_on(1), 1);
+    let d = g.view.tracker.lookup("dave@example.com").unwrap();
+    assert_eq!(d.sessions[0].node, N2);
+    assert_eq!(g.view.tracker.count_on(N1), 1);
+    assert_eq!(g.view.tracker.count_on(N2), 1);
 
     // Every stanza is counted: alice and dave sent at least bind, roster,
     // presence and the message; they received at least as many.
-    let m = &g.shared.metrics;
+    let m = &g.view.metrics;
     use std::sync::atomic::Ordering::Relaxed;
     assert!(m.stanzas_up.load(Relaxed) >= 6, "{:?}", m.stanzas_up);
     assert!(m.stanzas_down.load(Relaxed) >= 6, "{:?}", m.stanzas_down);
@@ -72,8 +72,8 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
 
     alice.close().await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(g.shared.tracker.lookup("alice@example.com").is_none());
-    assert_eq!(g.shared.tracker.count_on(0), 0);
+    assert!(g.view.tracker.lookup("alice@example.com").is_none());
+    assert_eq!(g.view.tracker.count_on(N1), 0);
 }
 
 #[tokio::test]
@@ -256,9 +256,9 @@ async fn assignment_file_overrides_balanced_homes() {
     );
     let cfg = prg_proxy::Config::parse(&text).unwrap();
     let proxy = prg_proxy::Proxy::bind(cfg).await.unwrap();
-    assert_eq!(proxy.shared().assignment.home("alice@example.com"), Ok(1));
-    assert_eq!(proxy.shared().assignment.home("dave@example.com"), Ok(1));
-    assert_eq!(proxy.shared().assignment.home("bob@example.com"), Ok(0));
+    assert_eq!(proxy.view().assignment.home("alice@example.com"), Ok(N2));
+    assert_eq!(proxy.view().assignment.home("dave@example.com"), Ok(N2));
+    assert_eq!(proxy.view().assignment.home("bob@example.com"), Ok(N1));
     g.stop().await;
 }
 

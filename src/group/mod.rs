@@ -32,18 +32,31 @@
 //! 5. routes each login by [`GroupState::serving`] and shows
 //!    [`GroupState::recommended_action`] on the status page.
 //!
-//! [`monitor`] is that driver: one task per proxy, started by
-//! [`Proxy::run`](crate::Proxy::run), publishing the group view and taking the
-//! administrator's requests through [`monitor::GroupHandle`].
+//! # Rooms
 //!
-//! The observations come from [`probe`]: TCP connect, an XMPP stream that reads
-//! the node's SASL mechanisms, and an HTTP 2xx check, each bounded by a timeout.
-//! [`table`] holds the source's Table 2 texts.
+//! - [`monitor`] — that driver: one task per proxy, started by the proxy.
+//! - [`handle`] — the group's face: the published view, the administrator's
+//!   operations, the relay's failure notes ([`GroupHandle`]).
+//! - [`heartbeat`] — the probe tasks: heartbeats (TCP, XMPP stream, monitor
+//!   login) and critical services, through the proxy's own node streams.
+//! - [`evidence`] — fast crash detection: when relay failures are strong
+//!   evidence (pure).
+//! - [`probe`] — single probes: TCP connect, HTTP 2xx, each bounded.
+//! - [`table`] — the source's Table 2 texts.
+//!
+//! Closing the streams a move affects is not done here: the monitor hands
+//! each move to the failover module ([`monitor::MoveOrder`]) and confirms it
+//! when that module answers.
 
+pub mod evidence;
+pub mod handle;
+mod heartbeat;
 pub mod monitor;
 pub mod probe;
 mod state;
 pub mod table;
+
+pub use handle::{AdminError, GroupHandle, GroupStatus, NodeStatus, UsersCannotBeAdded};
 
 pub use state::{
     Assignment, Event, GroupParams, GroupState, Move, NodeId, NodeState, Reason, Rejected, Step,

@@ -1,63 +1,47 @@
 //! The group monitor: the driver around the pure [`GroupState`].
 //!
-//! One task ([`spawn`], started by [`Proxy::run`](crate::Proxy::run)) owns the
-//! state machine. Around it run one heartbeat task per node and one task per
-//! critical service; each probes on the heartbeat interval, bounded by
-//! `srm.probe_timeout`, and reports what it saw. The monitor feeds those
-//! reports, the relay's failure notes ([`GroupHandle::note_failure`]) and the
+//! One task ([`spawn`], started by the proxy) owns the state machine.
+//! Around it run the probes of [`heartbeat`](super::heartbeat). The driver
+//! feeds their reports, the relay's failure notes
+//! ([`GroupHandle::note_failure`], weighed by
+//! [`FailureWindow`](super::evidence::FailureWindow)) and the
 //! administrator's requests into the machine, wakes at
 //! [`GroupState::next_deadline`] for the timers, and applies every [`Step`]:
 //!
 //! - each [`Transition`] is logged at info with both nodes' states and
 //!   reasons, and counted in the metrics;
-//! - each [`Move`] re-routes the home's users ([`Routing::set`]) and closes
-//!   the streams of those users that are still on the node they leave, with
-//!   `<system-shutdown/>` naming the node and the reason; then the move is
-//!   confirmed ([`Event::MoveCompleted`]).
+//! - each [`Move`] re-routes the home's users ([`Routing::set`]) and is
+//!   handed to whoever closes the affected streams (a [`MoveOrder`] to the
+//!   failover module). Only when every order of the moves in flight is done
+//!   does the driver report [`Event::MoveCompleted`]; without a failover
+//!   module a move is complete at once.
 //!
 //! After every input the current view (both states and reasons, Table 2 row,
-//! recommended action, who serves whom, last heartbeats) is published on a
-//! [`watch`] channel ([`GroupHandle::subscribe`]) for the status page.
-//!
-//! # Strong evidence
-//!
-//! Waiting a whole heartbeat timeout for a node that crashed is a minute of
-//! failed logins. The relay sees a crash first: every relayed connection of
-//! the node fails at once. When failures of one node within
-//! `srm.fast_detect_window` reach `srm.fast_detect_failures` (or every
-//! session the node had, if fewer, which includes a login that finds a node
-//! with no sessions refusing the connect), the monitor makes one immediate
-//! TCP connect. Only a *refused* connect (the host answers, nothing listens)
-//! confirms: a timeout may be the network and is left to the heartbeats.
-//!
-//! [`Routing::set`]: crate::route::Routing::set
+//! recommended action, who serves whom, last heartbeats) is published on the
+//! handle's [`watch`](tokio::sync::watch) channel for the status page.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::probe::{self, ProbeError};
+use super::evidence::FailureWindow;
+use super::handle::{lock, AdminRequest, FailureNote, GroupHandle};
+use super::heartbeat::{self, Probes, Report};
 use super::{
     Assignment, Event, GroupParams, GroupState, Move, NodeId, NodeState, Reason, Rejected, Step,
     Transition,
 };
-use crate::config::{
-    AssignmentMode, Config, CriticalServiceKind, HeartbeatKind, NodeConfig, UpstreamTls,
-};
-use crate::proxy::Shared;
-use crate::route::NodeIndex;
-use crate::sim::{ClientError, ClientTls, SimClient};
-use crate::tracker::Control;
-use crate::xmpp::stream;
+use crate::config::{AssignmentMode, Config};
+use crate::metrics::Metrics;
+use crate::node::PAIR;
+use crate::route::Routing;
+use crate::tracker::Tracker;
+use crate::upstream::{Mechanisms, Nodes};
 
 /// Reports from the probe tasks waiting for the monitor. Probes are paced by
 /// the heartbeat interval, so a few per node is plenty.
@@ -67,305 +51,72 @@ const REPORT_QUEUE: usize = 64;
 const EVIDENCE_QUEUE: usize = 1024;
 /// Administrator requests waiting for the monitor.
 const ADMIN_QUEUE: usize = 16;
-/// Moves kept for a slow subscriber before it starts missing some.
-const MOVE_QUEUE: usize = 256;
-/// Bound on chained move confirmations within one input (each settles one move).
-const MAX_CONFIRMATIONS: usize = 8;
 
-/// One node as the status page shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeStatus {
-    /// Node 1 or node 2 of the group.
-    pub id: NodeId,
-    /// Its configured name; `None` in a one-node group's empty slot.
-    pub name: Option<String>,
-    /// The recovery manager's state.
-    pub state: NodeState,
-    /// And why.
-    pub reason: Reason,
-    /// The last successful heartbeat (wall clock, for display).
-    pub last_heartbeat_ok: Option<SystemTime>,
-    /// The same on the monitor's clock, to compute ages.
-    #[serde(skip)]
-    pub last_heartbeat_ok_at: Option<Instant>,
-    /// Why the latest heartbeat failed, if it did.
-    pub last_heartbeat_error: Option<String>,
-    /// Critical services (and "database", "authentication") seen down now.
-    pub services_down: Vec<String>,
-    /// Sessions bound on the node through the proxy.
-    pub sessions: usize,
-}
-
-/// The group as the monitor sees it, published after every input.
-#[derive(Debug, Clone, Serialize)]
-pub struct GroupStatus {
-    /// The group's name.
-    pub group: String,
-    /// Node 1 and node 2.
-    pub nodes: [NodeStatus; 2],
-    /// The source's Table 2 row of the current combination, if any.
-    pub table_row: Option<u8>,
-    /// Table 2's cause and recommended action (a general hint outside it).
-    pub recommended_action: &'static str,
-    /// For each home node (index), the node serving its users now; `None`:
-    /// nobody (logins are refused) or no user has that home.
-    pub serving: [Option<NodeId>; 2],
-    /// The node a move in flight heads to.
-    pub move_in_progress: Option<NodeId>,
-    /// Whether users may be added to the assignment now.
-    pub can_add_users: bool,
-    /// High availability (automatic failover) is on.
-    pub high_availability: bool,
-    /// Whether the monitor runs (false before [`spawn`] and after shutdown).
-    pub monitoring: bool,
-}
-
-impl GroupStatus {
-    fn initial(config: &Config) -> GroupStatus {
-        let node = |id: NodeId| NodeStatus {
-            id,
-            name: config.nodes.get(id.index()).map(|n| n.name.clone()),
-            state: NodeState::Initializing,
-            reason: Reason::Initialization,
-            last_heartbeat_ok: None,
-            last_heartbeat_ok_at: None,
-            last_heartbeat_error: None,
-            services_down: Vec::new(),
-            sessions: 0,
-        };
-        GroupStatus {
-            group: config.group.name.clone(),
-            nodes: [node(NodeId::Node1), node(NodeId::Node2)],
-            table_row: None,
-            recommended_action: "",
-            serving: [Some(NodeId::Node1), Some(NodeId::Node2)],
-            move_in_progress: None,
-            can_add_users: false,
-            high_availability: config.group.high_availability,
-            monitoring: false,
-        }
-    }
-
-    /// A node's state and reason.
-    pub fn state(&self, node: NodeId) -> (NodeState, Reason) {
-        let n = &self.nodes[node.index()];
-        (n.state, n.reason)
-    }
-}
-
-/// Users cannot be added to the assignment while a node of the group is
-/// failed over (source, "redundancy interactions and restrictions"): the
-/// new user's home would be a node that serves nobody.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "users cannot be added to group {group} while a node is failed over or users are moving \
-     (node 1 is {node1}, node 2 is {node2}); fall back to Normal first"
-)]
-pub struct UsersCannotBeAdded {
-    /// The group's name.
-    pub group: String,
-    /// Node 1's state.
-    pub node1: NodeState,
-    /// Node 2's state.
-    pub node2: NodeState,
-}
-
-/// Why an administrator request did nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AdminError {
-    /// The state machine refused it; nothing changed.
-    #[error(transparent)]
-    Rejected(#[from] Rejected),
-    /// No such node in this group.
-    #[error("the group has no node with index {0}")]
-    NoSuchNode(NodeIndex),
-    /// The monitor is not running (not started yet, or shut down).
-    #[error("the group monitor is not running")]
-    NotRunning,
-}
-
-/// A request for the monitor, with its answer.
-struct AdminRequest {
-    event: Event,
-    reply: oneshot::Sender<Result<(), Rejected>>,
-}
-
-/// A relay failure note.
-#[derive(Debug, Clone, Copy)]
-struct FailureNote {
-    node: NodeIndex,
-    at: Instant,
-    /// Sessions the node had when the failure was seen (the failing one
-    /// included, if it was bound).
-    sessions: usize,
-}
-
-/// The monitor's face towards the rest of the proxy: kept in
-/// [`Shared`](crate::proxy::Shared), usable before the monitor runs.
-pub struct GroupHandle {
-    /// The published view; receivers come from [`GroupHandle::subscribe`].
-    status: watch::Sender<GroupStatus>,
-    /// Set while the monitor runs, so that a request never waits for a
-    /// monitor that does not exist.
-    admin: Mutex<Option<mpsc::Sender<AdminRequest>>>,
-    /// Set while the monitor runs and fast detection is on.
-    evidence: Mutex<Option<mpsc::Sender<FailureNote>>>,
-    /// Every routing change, for whoever plans the users' re-logins and
-    /// repairs what a move breaks (the failover module).
-    moves: broadcast::Sender<Move>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl GroupHandle {
-    /// A handle whose view is "both nodes initializing", until [`spawn`].
-    pub fn new(config: &Config) -> GroupHandle {
-        GroupHandle {
-            status: watch::Sender::new(GroupStatus::initial(config)),
-            admin: Mutex::new(None),
-            evidence: Mutex::new(None),
-            moves: broadcast::Sender::new(MOVE_QUEUE),
-        }
-    }
-
-    /// A receiver of every [`Move`] from now on (after its streams were
-    /// asked to close and routing changed).
-    pub fn subscribe_moves(&self) -> broadcast::Receiver<Move> {
-        self.moves.subscribe()
-    }
-
-    /// A receiver of the group view, updated after every input.
-    pub fn subscribe(&self) -> watch::Receiver<GroupStatus> {
-        self.status.subscribe()
-    }
-
-    /// The current group view.
-    pub fn current(&self) -> GroupStatus {
-        self.status.borrow().clone()
-    }
-
-    /// Whether users may be added to the assignment now.
-    pub fn can_add_users(&self) -> Result<(), UsersCannotBeAdded> {
-        let s = self.status.borrow();
-        if s.can_add_users {
-            return Ok(());
-        }
-        Err(UsersCannotBeAdded {
-            group: s.group.clone(),
-            node1: s.nodes[0].state,
-            node2: s.nodes[1].state,
-        })
-    }
-
-    /// Manual failover of `node` (0 = node 1): its users go to the peer and
-    /// it stays failed over until [`GroupHandle::fallback`].
-    pub async fn failover(&self, node: NodeIndex) -> Result<(), AdminError> {
-        let id = self.node_id(node)?;
-        self.request(Event::AdminFailover(id)).await
-    }
-
-    /// Manual fallback to `node`: its users come back from the peer.
-    pub async fn fallback(&self, node: NodeIndex) -> Result<(), AdminError> {
-        let id = self.node_id(node)?;
-        self.request(Event::AdminFallback(id)).await
-    }
-
-    /// Manual recovery when both nodes are in a failed state.
-    pub async fn recovery(&self) -> Result<(), AdminError> {
-        self.request(Event::AdminRecovery).await
-    }
-
-    /// The relay saw a connection to `node` fail while the node had
-    /// `sessions` bound sessions: evidence for fast detection.
-    pub fn note_failure(&self, node: NodeIndex, sessions: usize) {
-        if let Some(tx) = lock(&self.evidence).as_ref() {
-            let _ = tx.try_send(FailureNote {
-                node,
-                at: Instant::now(),
-                sessions,
-            });
-        }
-    }
-
-    fn node_id(&self, node: NodeIndex) -> Result<NodeId, AdminError> {
-        let present = self
-            .status
-            .borrow()
-            .nodes
-            .get(node)
-            .is_some_and(|n| n.name.is_some());
-        match node {
-            0 if present => Ok(NodeId::Node1),
-            1 if present => Ok(NodeId::Node2),
-            _ => Err(AdminError::NoSuchNode(node)),
-        }
-    }
-
-    async fn request(&self, event: Event) -> Result<(), AdminError> {
-        let Some(tx) = lock(&self.admin).clone() else {
-            return Err(AdminError::NotRunning);
-        };
-        let (reply, answer) = oneshot::channel();
-        tx.send(AdminRequest { event, reply })
-            .await
-            .map_err(|_| AdminError::NotRunning)?;
-        answer
-            .await
-            .map_err(|_| AdminError::NotRunning)?
-            .map_err(AdminError::from)
-    }
-}
-
-/// What a probe task saw.
+/// A move for whoever closes the streams it affects. Answer on `done`
+/// (`true`: every affected stream is closed) when that is over; dropping
+/// it counts as a failed move.
 #[derive(Debug)]
-enum Report {
-    /// A heartbeat ended.
-    Heartbeat {
-        node: NodeId,
-        /// `Ok(mechanisms)` (`None`: the probe kind does not read them).
-        result: Result<Option<Vec<String>>, String>,
-        /// The monitor login: `Some(true)` accepted, `Some(false)` refused.
-        auth: Option<bool>,
-    },
-    /// A critical service (or database) probe ended.
-    Service {
-        node: NodeId,
-        name: String,
-        database: bool,
-        error: Option<String>,
-    },
-    /// The confirming connect after strong evidence ended.
-    Confirm {
-        node: NodeId,
-        refused: bool,
-        detail: String,
-    },
+pub struct MoveOrder {
+    /// The routing change (already applied).
+    pub mv: Move,
+    /// Where to answer.
+    pub done: oneshot::Sender<bool>,
+}
+
+/// What the monitor needs from the rest of the proxy, built once at start.
+pub struct MonitorContext {
+    /// The validated configuration.
+    pub config: Arc<Config>,
+    /// The nodes, as the relay reaches them.
+    pub nodes: Arc<Nodes>,
+    /// Written on every move.
+    pub routing: Arc<Routing>,
+    /// Read for the session counts shown in the status.
+    pub tracker: Arc<Tracker>,
+    /// Refreshed from the heartbeats.
+    pub mechanisms: Arc<Mechanisms>,
+    /// Transitions, moves.
+    pub metrics: Arc<Metrics>,
+    /// Where the view is published and requests arrive.
+    pub handle: Arc<GroupHandle>,
+    /// Where moves go to have their streams closed (the failover module).
+    pub moves: Option<mpsc::UnboundedSender<MoveOrder>>,
 }
 
 /// Starts the monitor for the proxy's group. Aborting the returned task
 /// stops the probes too (they belong to it).
-pub fn spawn(shared: Arc<Shared>) -> JoinHandle<()> {
-    let span = info_span!("group.monitor", group.name = %shared.config.group.name);
-    tokio::spawn(run(shared).instrument(span))
+pub fn spawn(ctx: MonitorContext) -> JoinHandle<()> {
+    let span = info_span!("group.monitor", group.name = %ctx.config.group.name);
+    let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
+    tokio::spawn(run(ctx, true, report_tx, report_rx).instrument(span))
 }
 
-async fn run(shared: Arc<Shared>) {
-    let handle = &shared.group;
+async fn run(
+    ctx: MonitorContext,
+    with_probes: bool,
+    report_tx: mpsc::Sender<Report>,
+    report_rx: mpsc::Receiver<Report>,
+) {
     let (admin_tx, admin_rx) = mpsc::channel(ADMIN_QUEUE);
-    let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
     let (evidence_tx, evidence_rx) = mpsc::channel(EVIDENCE_QUEUE);
+    let handle = ctx.handle.clone();
     *lock(&handle.admin) = Some(admin_tx);
-    if shared.config.srm.fast_detect {
+    if ctx.config.srm.fast_detect {
         *lock(&handle.evidence) = Some(evidence_tx);
     }
+    let probes_ctx = Arc::new(Probes {
+        nodes: ctx.nodes.clone(),
+        config: ctx.config.clone(),
+    });
     let mut probes = JoinSet::new();
-    for (i, node) in shared.config.nodes.iter().enumerate().take(2) {
-        let id = if i == 0 { NodeId::Node1 } else { NodeId::Node2 };
+    for (id, node) in NodeId::ALL.into_iter().zip(&ctx.config.nodes) {
+        if !with_probes {
+            break;
+        }
         let span = info_span!("group.heartbeat", node.name = %node.name, node.id = %id);
-        probes.spawn(heartbeat_loop(shared.clone(), id, report_tx.clone()).instrument(span));
+        probes.spawn(
+            heartbeat::heartbeat_loop(probes_ctx.clone(), id, report_tx.clone()).instrument(span),
+        );
         for svc in &node.critical_services {
             let span = info_span!(
                 "group.critical_service",
@@ -374,11 +125,12 @@ async fn run(shared: Arc<Shared>) {
                 service.target = %svc.target,
             );
             probes.spawn(
-                service_loop(shared.clone(), id, svc.clone(), report_tx.clone()).instrument(span),
+                heartbeat::service_loop(probes_ctx.clone(), id, svc.clone(), report_tx.clone())
+                    .instrument(span),
             );
         }
     }
-    let mut m = Monitor::new(shared.clone(), report_tx);
+    let mut m = Monitor::new(ctx, probes_ctx, report_tx);
     info!(
         high_availability = m.g.params().high_availability,
         heartbeat.interval = ?m.g.params().heartbeat_interval,
@@ -391,6 +143,20 @@ async fn run(shared: Arc<Shared>) {
     probes.shutdown().await;
 }
 
+/// A driver without probe tasks whose report channel the caller feeds
+/// (tests inject heartbeat results under paused time).
+#[cfg(test)]
+async fn spawn_without_probes(ctx: MonitorContext) -> (JoinHandle<()>, mpsc::Sender<Report>) {
+    let handle = ctx.handle.clone();
+    let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
+    let task = tokio::spawn(run(ctx, false, report_tx.clone(), report_rx));
+    // Wait until the driver accepts requests.
+    while lock(&handle.admin).is_none() {
+        tokio::task::yield_now().await;
+    }
+    (task, report_tx)
+}
+
 /// Per-node bookkeeping of the driver (the machine keeps the rest).
 #[derive(Debug, Default)]
 struct NodeWatch {
@@ -398,8 +164,8 @@ struct NodeWatch {
     last_error: Option<String>,
     /// Mechanisms of the latest successful heartbeat that read them.
     mechanisms: Option<Vec<String>>,
-    /// Recent relay failures: (when, sessions at the time).
-    failures: VecDeque<(Instant, usize)>,
+    /// Recent relay failures.
+    failures: Option<FailureWindow>,
     /// A confirming connect is running.
     confirming: bool,
     /// Database and authentication service seen down (for the status).
@@ -408,24 +174,41 @@ struct NodeWatch {
 }
 
 struct Monitor {
-    shared: Arc<Shared>,
+    ctx: MonitorContext,
+    probes: Arc<Probes>,
     g: GroupState,
-    nodes: [NodeWatch; 2],
-    /// For the confirming connects, which report like probes do.
+    nodes: [NodeWatch; PAIR],
+    /// For the confirming connects and move completions, which report like
+    /// probes do.
     reports: mpsc::Sender<Report>,
+    /// Move orders handed out and not answered yet.
+    orders_in_flight: usize,
+    /// Whether every answered order of the moves in flight succeeded.
+    orders_ok: bool,
 }
 
 impl Monitor {
-    fn new(shared: Arc<Shared>, reports: mpsc::Sender<Report>) -> Monitor {
-        let params = params_of(&shared.config);
+    fn new(ctx: MonitorContext, probes: Arc<Probes>, reports: mpsc::Sender<Report>) -> Monitor {
+        let params = params_of(&ctx.config);
         let g = GroupState::new(Instant::now(), params);
+        let srm = &ctx.config.srm;
+        let mut nodes: [NodeWatch; PAIR] = Default::default();
+        for w in &mut nodes {
+            w.failures = Some(FailureWindow::new(
+                srm.fast_detect_window,
+                srm.fast_detect_failures,
+            ));
+        }
         let mut m = Monitor {
-            shared,
+            ctx,
+            probes,
             g,
-            nodes: Default::default(),
+            nodes,
             reports,
+            orders_in_flight: 0,
+            orders_ok: true,
         };
-        if m.shared.config.nodes.len() < 2 {
+        if m.ctx.config.nodes.len() < PAIR {
             // A one-node group: the empty slot is a node that is not there,
             // so the one node settles in Normal without waiting for the
             // initialization timeout.
@@ -471,11 +254,7 @@ impl Monitor {
     }
 
     fn name(&self, id: NodeId) -> &str {
-        self.shared
-            .config
-            .nodes
-            .get(id.index())
-            .map_or("(none)", |n| n.name.as_str())
+        self.ctx.nodes.name(id)
     }
 
     fn on_report(&mut self, r: Report) {
@@ -543,6 +322,15 @@ impl Monitor {
                     self.observe(Event::CriticalService { node, name, up });
                 }
             }
+            Report::Mechanisms { node, mechanisms } => {
+                self.nodes[node.index()].mechanisms = Some(mechanisms);
+                self.refresh_mechanisms();
+            }
+            Report::MovesDone { ok } => {
+                self.orders_in_flight = self.orders_in_flight.saturating_sub(1);
+                self.orders_ok &= ok;
+                self.confirm_moves();
+            }
             Report::Confirm {
                 node,
                 refused,
@@ -551,12 +339,18 @@ impl Monitor {
                 let w = &mut self.nodes[node.index()];
                 w.confirming = false;
                 if refused && self.g.state(node).0 != NodeState::Down {
-                    w.failures.clear();
+                    if let Some(f) = w.failures.as_mut() {
+                        f.clear();
+                    }
                     warn!(
                         node.name = %self.name(node),
                         detail = %detail,
                         "relayed connections failed and a fresh connect is refused: node down"
                     );
+                    self.ctx
+                        .metrics
+                        .fast_detections
+                        .fetch_add(1, Ordering::Relaxed);
                     self.observe(Event::ConnectionsLost(node));
                 } else {
                     debug!(node.name = %self.name(node), refused, detail = %detail,
@@ -567,40 +361,29 @@ impl Monitor {
     }
 
     fn on_failure_note(&mut self, note: FailureNote) {
-        let Some(node) = node_id(note.node) else {
-            return;
-        };
-        let srm = &self.shared.config.srm;
-        let (window, enough) = (srm.fast_detect_window, srm.fast_detect_failures);
+        let node = note.node;
         let down = self.g.state(node).0 == NodeState::Down;
         let w = &mut self.nodes[node.index()];
-        w.failures.push_back((note.at, note.sessions));
-        while w
-            .failures
-            .front()
-            .is_some_and(|(t, _)| note.at.saturating_duration_since(*t) > window)
-        {
-            w.failures.pop_front();
-        }
-        let failed = w.failures.len();
-        let had = w.failures.iter().map(|(_, s)| *s).max().unwrap_or(0);
-        // "Every relayed connection failed" when the node had fewer
-        // sessions than the threshold (a login to a node with none counts).
-        let strong = failed >= enough.min(had.max(1));
+        let Some(window) = w.failures.as_mut() else {
+            return;
+        };
+        let strong = window.observe(note.at, note.sessions);
         if !strong || down || w.confirming {
             return;
         }
         w.confirming = true;
-        debug!(node.name = %self.name(node), failed, had, "relay failures: confirming");
-        let shared = self.shared.clone();
+        let failed = window.len();
+        debug!(node.name = %self.name(node), failed, "relay failures: confirming");
+        let probes = self.probes.clone();
         let tx = self.reports.clone();
         tokio::spawn(
             async move {
-                let timeout = shared.config.srm.effective_probe_timeout();
-                let (refused, detail) = match confirm_connect(&shared, node, timeout).await {
-                    Ok(()) => (false, "connect accepted".to_string()),
-                    Err(e) => (e.is_refused(), e.to_string()),
-                };
+                let timeout = probes.config.srm.effective_probe_timeout();
+                let (refused, detail) =
+                    match heartbeat::confirm_connect(&probes, node, timeout).await {
+                        Ok(()) => (false, "connect accepted".to_string()),
+                        Err(e) => (e.is_refused(), e.to_string()),
+                    };
                 let _ = tx
                     .send(Report::Confirm {
                         node,
@@ -623,7 +406,7 @@ impl Monitor {
             });
         }
         if let Some(m) = common {
-            self.shared.set_mechanisms(m);
+            self.ctx.mechanisms.set(m);
         }
     }
 
@@ -635,63 +418,99 @@ impl Monitor {
         }
     }
 
-    /// Runs one input through the machine and applies what it changed,
-    /// confirming each move once its streams are closed.
+    /// Runs one input through the machine and applies what it changed.
+    /// Moves are confirmed later, when their streams are closed
+    /// ([`Monitor::confirm_moves`]).
     fn feed(
         &mut self,
         input: impl FnOnce(&mut GroupState, Instant) -> Result<Step, Rejected>,
     ) -> Result<(), Rejected> {
         let before = [self.g.state(NodeId::Node1), self.g.state(NodeId::Node2)];
         let step = input(&mut self.g, Instant::now())?;
-        let mut view = self.apply(before, step);
-        for _ in 0..MAX_CONFIRMATIONS {
-            let Some(to) = self.g.move_in_progress() else {
-                break;
-            };
-            let event = Event::MoveCompleted { node: to, ok: true };
-            match self.g.handle(Instant::now(), event) {
-                Ok(step) => view = self.apply(view, step),
-                Err(e) => {
-                    warn!(error = %e, "move confirmation refused");
-                    break;
-                }
-            }
-        }
+        self.apply(before, step);
+        self.confirm_moves();
         Ok(())
     }
 
-    /// Logs and counts transitions, acts on moves; returns the states after.
-    fn apply(&self, mut view: [(NodeState, Reason); 2], step: Step) -> [(NodeState, Reason); 2] {
-        let metrics = &self.shared.metrics;
+    /// Reports the move in flight as completed once no order is pending.
+    /// Each confirmation may start a further move (whose orders then go
+    /// out); the loop ends when the machine has nothing in flight or waits
+    /// for orders.
+    fn confirm_moves(&mut self) {
+        while self.orders_in_flight == 0 {
+            let Some(to) = self.g.move_in_progress() else {
+                return;
+            };
+            let ok = std::mem::replace(&mut self.orders_ok, true);
+            let before = [self.g.state(NodeId::Node1), self.g.state(NodeId::Node2)];
+            match self
+                .g
+                .handle(Instant::now(), Event::MoveCompleted { node: to, ok })
+            {
+                Ok(step) => {
+                    let progressed = !step.transitions.is_empty() || !step.moves.is_empty();
+                    self.apply(before, step);
+                    if !progressed {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "move confirmation refused");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Logs and counts transitions, re-routes and hands out moves.
+    fn apply(&mut self, mut view: [(NodeState, Reason); PAIR], step: Step) {
+        let metrics = self.ctx.metrics.clone();
         for t in &step.transitions {
             view[t.node.index()] = t.to;
             self.log_transition(t, &view);
             metrics.group_transitions.fetch_add(1, Ordering::Relaxed);
         }
         for m in &step.moves {
-            self.shared
-                .routing
-                .set(m.users_of.index(), m.to.map(NodeId::index));
-            let evicted = self.evict(m);
+            self.ctx.routing.set(m.users_of, m.to);
             metrics.group_moves.fetch_add(1, Ordering::Relaxed);
-            metrics
-                .group_evictions
-                .fetch_add(evicted as u64, Ordering::Relaxed);
-            // Nobody listening is fine: the eviction above already happened.
-            let _ = self.shared.group.moves.send(*m);
             info!(
                 users_of = %self.name(m.users_of),
                 from = %m.from.map_or("nobody", |n| self.name(n)),
                 to = %m.to.map_or("nobody", |n| self.name(n)),
                 reason = %m.why,
-                evicted,
                 "users re-routed"
             );
+            self.hand_out(*m);
         }
-        view
     }
 
-    fn log_transition(&self, t: &Transition, view: &[(NodeState, Reason); 2]) {
+    /// Gives a move to the failover module, which answers once the
+    /// affected streams are closed; then it is published to subscribers.
+    fn hand_out(&mut self, m: Move) {
+        let handle = self.ctx.handle.clone();
+        let Some(orders) = self.ctx.moves.as_ref() else {
+            let _ = handle.moves.send(m);
+            return;
+        };
+        let (done, answer) = oneshot::channel();
+        if orders.send(MoveOrder { mv: m, done }).is_err() {
+            let _ = handle.moves.send(m);
+            return;
+        }
+        self.orders_in_flight += 1;
+        let reports = self.reports.clone();
+        tokio::spawn(
+            async move {
+                let ok = answer.await.unwrap_or(false);
+                // Nobody listening is fine.
+                let _ = handle.moves.send(m);
+                let _ = reports.send(Report::MovesDone { ok }).await;
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn log_transition(&self, t: &Transition, view: &[(NodeState, Reason); PAIR]) {
         info!(
             node.name = %self.name(t.node),
             node.id = %t.node,
@@ -707,58 +526,10 @@ impl Monitor {
         );
     }
 
-    /// Closes the streams of `m.users_of`'s users bound on the node they
-    /// leave. Returns how many were asked to close.
-    fn evict(&self, m: &Move) -> usize {
-        let Some(from) = m.from else {
-            return 0;
-        };
-        let tracker = &self.shared.tracker;
-        let text = match m.to {
-            Some(to) => format!(
-                "the users of node {} move from {} to {} ({}); reconnect",
-                self.name(m.users_of),
-                self.name(from),
-                self.name(to),
-                m.why
-            ),
-            None => format!(
-                "no node can serve the users of node {} now ({}); reconnect later",
-                self.name(m.users_of),
-                m.why
-            ),
-        };
-        let xml = stream::stream_error("system-shutdown", Some(&text), None);
-        let mut n = 0;
-        for (conn, jid) in tracker.sessions_on(from.index()) {
-            let Some(user) = tracker.lookup(&jid) else {
-                continue;
-            };
-            if user.home != m.users_of.index() {
-                continue;
-            }
-            let Some(h) = tracker.handle_of(conn) else {
-                continue;
-            };
-            match h.try_send(Control::Evict(xml.clone())) {
-                Ok(()) => n += 1,
-                Err(mpsc::error::TrySendError::Full(c)) => {
-                    // A busy connection: deliver the eviction when it has room.
-                    n += 1;
-                    tokio::spawn(async move {
-                        let _ = h.send(c).await;
-                    });
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-        n
-    }
-
     fn publish(&self) {
-        let tracker = &self.shared.tracker;
+        let tracker = &self.ctx.tracker;
         let g = &self.g;
-        self.shared.group.status.send_modify(|s| {
+        self.ctx.handle.status.send_modify(|s| {
             for id in NodeId::ALL {
                 let w = &self.nodes[id.index()];
                 let n = &mut s.nodes[id.index()];
@@ -773,7 +544,7 @@ impl Monitor {
                 if w.auth_down {
                     n.services_down.push("authentication".into());
                 }
-                n.sessions = tracker.count_on(id.index());
+                n.sessions = tracker.count_on(id);
             }
             s.table_row = g.table_row();
             s.recommended_action = g.recommended_action();
@@ -792,14 +563,6 @@ fn log_service_change(node: &str, service: &str, error: Option<&str>) {
             warn!(node.name = %node, service.name = %service, error = %e, "critical service down")
         }
         None => info!(node.name = %node, service.name = %service, "critical service up again"),
-    }
-}
-
-fn node_id(i: NodeIndex) -> Option<NodeId> {
-    match i {
-        0 => Some(NodeId::Node1),
-        1 => Some(NodeId::Node2),
-        _ => None,
     }
 }
 
@@ -823,299 +586,14 @@ pub fn params_of(config: &Config) -> GroupParams {
     }
 }
 
-/// A ticker on the heartbeat interval that fires at once, then every
-/// interval; a slow probe delays the next tick instead of bunching them.
-fn ticker(every: Duration) -> tokio::time::Interval {
-    let mut t = tokio::time::interval(every);
-    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    t
-}
-
-async fn heartbeat_loop(shared: Arc<Shared>, node: NodeId, tx: mpsc::Sender<Report>) {
-    let Some(cfg) = shared.config.nodes.get(node.index()).cloned() else {
-        return;
-    };
-    let srm = &shared.config.srm;
-    let timeout = srm.effective_probe_timeout();
-    let monitor_login = srm.auth_service_monitoring && cfg.heartbeat != HeartbeatKind::Login;
-    let mut tick = ticker(srm.heartbeat_interval);
-    loop {
-        tick.tick().await;
-        let mut report = match cfg.heartbeat {
-            HeartbeatKind::Tcp => {
-                let result = tcp_heartbeat(&shared, node, timeout)
-                    .await
-                    .map(|()| None)
-                    .map_err(|e| e.to_string());
-                Report::Heartbeat {
-                    node,
-                    result,
-                    auth: None,
-                }
-            }
-            HeartbeatKind::Xmpp => Report::Heartbeat {
-                node,
-                result: xmpp_heartbeat(&shared, node, timeout).await.map(Some),
-                auth: None,
-            },
-            HeartbeatKind::Login => match login_probe(&shared, &cfg, node, timeout).await {
-                Ok(m) => Report::Heartbeat {
-                    node,
-                    result: Ok(Some(m)),
-                    auth: Some(true),
-                },
-                Err(LoginFailure::Refused(mechanisms)) => Report::Heartbeat {
-                    node,
-                    result: Ok(Some(mechanisms)),
-                    auth: Some(false),
-                },
-                Err(LoginFailure::Unreachable(e)) => Report::Heartbeat {
-                    node,
-                    result: Err(e),
-                    auth: None,
-                },
-            },
-        };
-        if monitor_login {
-            if let Report::Heartbeat {
-                result: Ok(_),
-                auth,
-                ..
-            } = &mut report
-            {
-                *auth = match login_probe(&shared, &cfg, node, timeout).await {
-                    Ok(_) => Some(true),
-                    Err(LoginFailure::Refused(_)) => Some(false),
-                    // Unreachable between two probes: the heartbeat decides.
-                    Err(LoginFailure::Unreachable(_)) => None,
-                };
-            }
-        }
-        if tx.send(report).await.is_err() {
-            return;
-        }
-    }
-}
-
-async fn service_loop(
-    shared: Arc<Shared>,
-    node: NodeId,
-    svc: crate::config::CriticalServiceConfig,
-    tx: mpsc::Sender<Report>,
-) {
-    let srm = &shared.config.srm;
-    let timeout = srm.effective_probe_timeout();
-    let mut tick = ticker(srm.heartbeat_interval);
-    loop {
-        tick.tick().await;
-        let result = match svc.kind {
-            CriticalServiceKind::Tcp | CriticalServiceKind::Database => {
-                probe::tcp_connect(svc.target.as_str(), timeout)
-                    .await
-                    .map(|_| ())
-            }
-            CriticalServiceKind::Http => {
-                probe::http_get_2xx(&svc.target, timeout).await.map(|_| ())
-            }
-        };
-        let report = Report::Service {
-            node,
-            name: svc.name.clone(),
-            database: svc.kind == CriticalServiceKind::Database,
-            error: result.err().map(|e| e.to_string()),
-        };
-        if tx.send(report).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// The node's addresses, resolved within `timeout`.
-async fn addresses(
-    shared: &Shared,
-    node: NodeId,
-    timeout: Duration,
-) -> Result<Vec<SocketAddr>, String> {
-    let Some(u) = shared.upstreams.get(node.index()) else {
-        return Err("no such node".into());
-    };
-    match tokio::time::timeout(timeout, u.resolve(&shared.dns)).await {
-        Ok(Ok(a)) if !a.is_empty() => Ok(a),
-        Ok(Ok(_)) => Err(format!("node {}: no address", u.name)),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "node {}: name resolution took over {timeout:?}",
-            u.name
-        )),
-    }
-}
-
-async fn tcp_heartbeat(shared: &Shared, node: NodeId, timeout: Duration) -> Result<(), String> {
-    let start = Instant::now();
-    let addrs = addresses(shared, node, timeout).await?;
-    let left = timeout.saturating_sub(start.elapsed());
-    probe::tcp_connect(&addrs[..], left)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// The confirming connect after relay failures: a typed error, so that a
-/// refusal can be told from a timeout.
-async fn confirm_connect(
-    shared: &Shared,
-    node: NodeId,
-    timeout: Duration,
-) -> Result<(), ProbeError> {
-    let addrs = addresses(shared, node, timeout)
-        .await
-        .map_err(ProbeError::Malformed)?;
-    probe::tcp_connect(&addrs[..], timeout).await.map(|_| ())
-}
-
-/// Opens a stream the way the relay does (address, TLS, features), so that
-/// "the heartbeat works" means "a login can be routed there".
-async fn xmpp_heartbeat(
-    shared: &Shared,
-    node: NodeId,
-    timeout: Duration,
-) -> Result<Vec<String>, String> {
-    let Some(u) = shared.upstreams.get(node.index()) else {
-        return Err("no such node".into());
-    };
-    let domain = &shared.config.group.domains[0];
-    let max = shared.config.limits.max_stanza_bytes;
-    let mut s = u
-        .open(&shared.dns, domain, max, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    // Close politely without waiting for the node's answer.
-    let _ = tokio::time::timeout(timeout, s.io.write_all(b"</stream:stream>")).await;
-    Ok(s.features.mechanisms)
-}
-
-/// Why a monitor login did not complete.
-enum LoginFailure {
-    /// The node answered but refused the credentials (the authentication
-    /// service is down or the account broken); the mechanisms it offered.
-    Refused(Vec<String>),
-    /// The node did not answer as an XMPP server should.
-    Unreachable(String),
-}
-
-/// Logs in with the monitor account (SASL PLAIN), binds and pings
-/// (XEP-0199), then closes the stream.
-async fn login_probe(
-    shared: &Shared,
-    cfg: &NodeConfig,
-    node: NodeId,
-    timeout: Duration,
-) -> Result<Vec<String>, LoginFailure> {
-    let srm = &shared.config.srm;
-    let (Some(user), Some(password)) = (&srm.monitor_user, &srm.monitor_password) else {
-        return Err(LoginFailure::Unreachable(
-            "no monitor account configured".into(),
-        ));
-    };
-    let start = Instant::now();
-    let addrs = addresses(shared, node, timeout)
-        .await
-        .map_err(LoginFailure::Unreachable)?;
-    let tls = client_tls(shared, cfg).map_err(LoginFailure::Unreachable)?;
-    let domain = &shared.config.group.domains[0];
-    let left = timeout.saturating_sub(start.elapsed());
-    let unreachable = |e: ClientError| LoginFailure::Unreachable(e.to_string());
-    let exchange = async {
-        let mut c = SimClient::connect(addrs[0], domain, tls)
-            .await
-            .map_err(unreachable)?;
-        let mechanisms = c.mechanisms();
-        match c.login(user, password, "PLAIN").await {
-            Ok(()) => {}
-            Err(ClientError::SaslFailure { condition, .. }) => {
-                debug!(condition = %condition, "monitor login refused");
-                return Err(LoginFailure::Refused(mechanisms));
-            }
-            Err(e) => return Err(unreachable(e)),
-        }
-        let resource = format!("prg-proxy-monitor-{:08x}", rand::random::<u32>());
-        c.bind(&resource).await.map_err(unreachable)?;
-        c.ping().await.map_err(unreachable)?;
-        let _ = c.send_raw("</stream:stream>").await;
-        Ok(mechanisms)
-    };
-    tokio::time::timeout(left, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(LoginFailure::Unreachable(format!(
-                "no answer within {timeout:?}"
-            )))
-        })
-}
-
-fn client_tls(shared: &Shared, cfg: &NodeConfig) -> Result<ClientTls, String> {
-    let roots = || match &cfg.tls_roots {
-        Some(r) => crate::tls::client_config(r, "tls_roots").map_err(|e| e.to_string()),
-        None => Err("TLS towards the node needs tls_roots".into()),
-    };
-    let server_name = || {
-        cfg.tls_server_name.clone().unwrap_or_else(|| {
-            cfg.address
-                .as_deref()
-                .and_then(crate::config::split_host_port)
-                .map(|(h, _)| h.to_string())
-                .unwrap_or_else(|| shared.config.group.domains[0].clone())
-        })
-    };
-    Ok(match cfg.tls {
-        UpstreamTls::None => ClientTls::None,
-        UpstreamTls::Starttls => ClientTls::StartTls {
-            config: roots()?,
-            server_name: server_name(),
-        },
-        UpstreamTls::Direct => ClientTls::Direct {
-            config: roots()?,
-            server_name: server_name(),
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::EXAMPLE;
+    use std::time::Duration;
 
     fn config() -> Config {
         Config::parse(EXAMPLE).expect("example parses")
-    }
-
-    #[tokio::test]
-    async fn requests_without_a_monitor_fail_fast() {
-        let h = GroupHandle::new(&config());
-        assert_eq!(h.failover(0).await, Err(AdminError::NotRunning));
-        assert_eq!(h.fallback(1).await, Err(AdminError::NotRunning));
-        assert_eq!(h.recovery().await, Err(AdminError::NotRunning));
-        assert_eq!(h.failover(2).await, Err(AdminError::NoSuchNode(2)));
-        // Nothing is known yet: adding users is not safe.
-        let e = h.can_add_users().unwrap_err();
-        assert_eq!(e.node1, NodeState::Initializing);
-        assert!(e.to_string().contains("prg-1"), "{e}");
-        h.note_failure(0, 3); // dropped quietly
-        assert!(!h.current().monitoring);
-    }
-
-    #[test]
-    fn one_node_group_has_no_second_node() {
-        let mut c = config();
-        c.nodes.pop();
-        let h = GroupHandle::new(&c);
-        let s = h.current();
-        assert_eq!(s.nodes[0].name.as_deref(), Some("imp1"));
-        assert_eq!(s.nodes[1].name, None);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        assert_eq!(rt.block_on(h.fallback(1)), Err(AdminError::NoSuchNode(1)));
     }
 
     #[test]
@@ -1131,5 +609,165 @@ mod tests {
         assert_eq!(p.assignment, Assignment::ActiveStandby);
         assert_eq!(p.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(p.critical_service_delay, Duration::from_secs(90));
+    }
+
+    struct Driven {
+        handle: Arc<GroupHandle>,
+        routing: Arc<Routing>,
+        reports: mpsc::Sender<Report>,
+        orders: mpsc::UnboundedReceiver<MoveOrder>,
+        _task: JoinHandle<()>,
+    }
+
+    async fn driven(mut c: Config) -> Driven {
+        c.group.high_availability = true;
+        let config = Arc::new(c);
+        let handle = Arc::new(GroupHandle::new(&config));
+        let routing = Arc::new(Routing::new());
+        let (tx, orders) = mpsc::unbounded_channel();
+        let ctx = MonitorContext {
+            nodes: Arc::new(Nodes::from_config(&config).expect("nodes")),
+            config,
+            routing: routing.clone(),
+            tracker: Arc::new(Tracker::new()),
+            mechanisms: Arc::new(Mechanisms::default()),
+            metrics: Arc::new(Metrics::default()),
+            handle: handle.clone(),
+            moves: Some(tx),
+        };
+        let (task, reports) = spawn_without_probes(ctx).await;
+        Driven {
+            handle,
+            routing,
+            reports,
+            orders,
+            _task: task,
+        }
+    }
+
+    impl Driven {
+        async fn beat(&self, node: NodeId) {
+            let r = Report::Heartbeat {
+                node,
+                result: Ok(None),
+                auth: None,
+            };
+            self.reports.send(r).await.expect("driver runs");
+        }
+
+        /// The published state once the driver has taken every input.
+        async fn settled(&self) -> crate::group::GroupStatus {
+            // A round trip through the admin queue orders after the reports.
+            let _ = self.handle.recovery().await;
+            self.handle.current()
+        }
+    }
+
+    /// Both nodes beat for a while; then node 1 falls silent. The driver
+    /// moves node 1's users exactly at the heartbeat timeout, and the move
+    /// stays in flight until its order is answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_moves_at_the_heartbeat_timeout_and_waits_for_its_streams() {
+        let d = driven(config()).await;
+        let interval = Duration::from_secs(15);
+        for _ in 0..10 {
+            d.beat(NodeId::Node1).await;
+            d.beat(NodeId::Node2).await;
+            tokio::time::sleep(interval).await;
+        }
+        let s = d.settled().await;
+        assert_eq!(s.state(NodeId::Node1).0, NodeState::Normal);
+        // Node 1's last beat was 15 s ago; the timeout is 60 s. Node 2 keeps
+        // beating. At 59 s nothing has happened yet.
+        let last_n1 = Instant::now() - interval;
+        while Instant::now() < last_n1 + Duration::from_secs(59) {
+            d.beat(NodeId::Node2).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(d.settled().await.state(NodeId::Node1).0, NodeState::Normal);
+        assert_eq!(d.routing.serving(NodeId::Node1), Some(NodeId::Node1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut d = d;
+        let order = d.orders.recv().await.expect("a move order");
+        assert_eq!(
+            (order.mv.users_of, order.mv.from, order.mv.to),
+            (NodeId::Node1, Some(NodeId::Node1), Some(NodeId::Node2))
+        );
+        assert_eq!(d.routing.serving(NodeId::Node1), Some(NodeId::Node2));
+        // Not answered: the move is still in flight.
+        let s = d.settled().await;
+        assert_eq!(s.move_in_progress, Some(NodeId::Node2), "{s:#?}");
+        assert_ne!(s.state(NodeId::Node2).0, NodeState::RunningInBackupMode);
+        order.done.send(true).expect("driver waits");
+        let mut rx = d.handle.subscribe();
+        let s = rx
+            .wait_for(|s| s.move_in_progress.is_none())
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(
+            (s.state(NodeId::Node1).0, s.state(NodeId::Node2)),
+            (
+                NodeState::Down,
+                (NodeState::RunningInBackupMode, Reason::PeerDown)
+            )
+        );
+        assert_eq!(s.table_row, Some(16));
+    }
+
+    /// Strong evidence (relay failures) with the confirming connect
+    /// refused moves the node at once, ahead of any heartbeat deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_relay_failure_moves_the_node_before_any_heartbeat_deadline() {
+        let mut d = driven(config()).await;
+        d.beat(NodeId::Node1).await;
+        d.beat(NodeId::Node2).await;
+        assert_eq!(d.settled().await.state(NodeId::Node1).0, NodeState::Normal);
+        let t0 = Instant::now();
+        d.reports
+            .send(Report::Confirm {
+                node: NodeId::Node1,
+                refused: true,
+                detail: "connection refused".into(),
+            })
+            .await
+            .expect("driver runs");
+        let order = d.orders.recv().await.expect("a move order");
+        assert_eq!(order.mv.why, Reason::PeerDown);
+        // No clock moved: the heartbeat timeout cannot have acted.
+        assert_eq!(Instant::now(), t0);
+        order.done.send(true).expect("driver waits");
+        let mut rx = d.handle.subscribe();
+        let s = rx
+            .wait_for(|s| s.move_in_progress.is_none())
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(s.table_row, Some(16));
+    }
+
+    /// A failed order (streams not closed in time) is reported to the
+    /// machine as a failed move.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_order_counts_as_a_failed_move() {
+        let mut d = driven(config()).await;
+        d.beat(NodeId::Node1).await;
+        d.beat(NodeId::Node2).await;
+        d.settled().await;
+        d.handle.failover(NodeId::Node1).await.expect("accepted");
+        let order = d.orders.recv().await.expect("a move order");
+        drop(order);
+        let mut rx = d.handle.subscribe();
+        let s = rx
+            .wait_for(|s| s.move_in_progress.is_none())
+            .await
+            .expect("published")
+            .clone();
+        assert!(
+            s.nodes
+                .iter()
+                .any(|n| n.state == NodeState::RunningInFailedMode),
+            "{s:#?}"
+        );
     }
 }

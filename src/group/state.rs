@@ -14,46 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-/// One of the two nodes of the group. The source's Table 2 always calls them
-/// "node 1" and "node 2"; the machine is symmetric otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeId {
-    /// The first node of the group (in active/standby mode the one holding all users).
-    Node1,
-    /// The second node of the group (in active/standby mode the backup).
-    Node2,
-}
-
-impl NodeId {
-    /// Both nodes, in order, for iterating.
-    pub const ALL: [NodeId; 2] = [NodeId::Node1, NodeId::Node2];
-
-    /// 0 for node 1, 1 for node 2: an index into per-node arrays.
-    pub fn index(self) -> usize {
-        match self {
-            NodeId::Node1 => 0,
-            NodeId::Node2 => 1,
-        }
-    }
-
-    /// The other node of the pair: every failover goes to the peer.
-    pub fn peer(self) -> NodeId {
-        match self {
-            NodeId::Node1 => NodeId::Node2,
-            NodeId::Node2 => NodeId::Node1,
-        }
-    }
-}
-
-impl fmt::Display for NodeId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            NodeId::Node1 => "node 1",
-            NodeId::Node2 => "node 2",
-        })
-    }
-}
+pub use crate::node::NodeId;
 
 /// A node's state as the Server Recovery Manager reports it (source, Table 1).
 ///

@@ -15,32 +15,16 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use hashbrown::HashTable;
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::route::NodeIndex;
+use crate::node::{NodeId, PAIR};
 
 mod key;
 use key::SmallStr;
 
-/// Identifies one client connection for the proxy's lifetime.
-pub type ConnId = u64;
-
-/// Something the rest of the proxy asks a connection to do.
-#[derive(Debug)]
-pub enum Control {
-    /// Close the client stream with this stream error (already serialised,
-    /// including `</stream:stream>`), e.g. a re-login hint.
-    Evict(String),
-    /// Write these bytes to the client (a stanza on the node's behalf).
-    Inject(Bytes),
-}
-
-/// The sending side of a connection's control channel.
-pub type ConnHandle = mpsc::Sender<Control>;
+pub use crate::control::{ConnHandle, ConnId};
 
 /// `<show/>` values (RFC 6121 §4.7.2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,7 +105,7 @@ pub struct Session {
     /// The full JID the node bound.
     pub full_jid: Arc<str>,
     /// The node the session is bound on.
-    pub node: NodeIndex,
+    pub node: NodeId,
     /// The connection carrying it.
     pub conn: ConnId,
     /// To evict the connection or inject a stanza into it.
@@ -136,9 +120,9 @@ pub struct Session {
 #[derive(Debug, Clone)]
 pub struct User {
     /// The user's assigned node.
-    pub home: NodeIndex,
+    pub home: NodeId,
     /// The node that serves the user now (where the latest session bound).
-    pub serving: NodeIndex,
+    pub serving: NodeId,
     /// The sessions, one per bound resource.
     pub sessions: Vec<Session>,
     /// Temporary-presence subscriptions this user holds as a watcher (the
@@ -151,9 +135,9 @@ pub struct User {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     /// The user's assigned node.
-    pub home: NodeIndex,
+    pub home: NodeId,
     /// The node that serves the user now.
-    pub serving: NodeIndex,
+    pub serving: NodeId,
     /// Number of bound sessions (at least 1: users without any are gone).
     pub sessions: usize,
     /// Whether any session has sent available presence.
@@ -164,9 +148,6 @@ pub struct Summary {
 /// writers rarely meet on one lock and a shard's table stays small enough
 /// to resize without a visible pause.
 const SHARDS: usize = 64;
-
-/// Nodes in a redundancy group (the source allows one or two).
-const NODES: usize = 2;
 
 /// Keeps a lock (and the table header beside it) on its own cache lines so
 /// that threads working on neighbouring shards do not invalidate each
@@ -191,7 +172,7 @@ impl SessionSlot {
     fn to_public(&self) -> Session {
         Session {
             full_jid: self.full_jid.clone(),
-            node: NodeIndex::from(self.node),
+            node: node_of(self.node),
             conn: self.conn,
             handle: self.handle.clone(),
             bound_at: self.bound_at,
@@ -308,7 +289,7 @@ struct ConnSlot {
 #[derive(Default)]
 struct ConnShard {
     by_conn: HashTable<ConnSlot>,
-    on_node: [HashTable<ConnId>; NODES],
+    on_node: [HashTable<ConnId>; PAIR],
 }
 
 /// The session tracker.
@@ -323,7 +304,7 @@ pub struct Tracker {
     users: Box<[Padded<RwLock<HashTable<UserSlot>>>]>,
     conns: Box<[Padded<RwLock<ConnShard>>]>,
     /// Sessions per node, O(1) to read.
-    counts: [Padded<AtomicUsize>; NODES],
+    counts: [Padded<AtomicUsize>; PAIR],
     /// Users with at least one session.
     user_total: Padded<AtomicUsize>,
 }
@@ -338,7 +319,10 @@ impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
             .field("users", &self.user_count())
-            .field("on_node", &[self.count_on(0), self.count_on(1)])
+            .field(
+                "on_node",
+                &[self.count_on(NodeId::Node1), self.count_on(NodeId::Node2)],
+            )
             .finish()
     }
 }
@@ -350,8 +334,13 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize & (SHARDS - 1)
 }
 
-fn node_u8(node: NodeIndex) -> u8 {
-    u8::try_from(node).unwrap_or(u8::MAX)
+fn node_u8(node: NodeId) -> u8 {
+    // At most `PAIR` nodes: the index always fits.
+    node.index() as u8
+}
+
+fn node_of(v: u8) -> NodeId {
+    NodeId::from_index(usize::from(v)).unwrap_or(NodeId::Node1)
 }
 
 impl Tracker {
@@ -379,8 +368,8 @@ impl Tracker {
     pub fn on_bind(
         &self,
         full_jid: &str,
-        home: NodeIndex,
-        node: NodeIndex,
+        home: NodeId,
+        node: NodeId,
         conn: ConnId,
         handle: ConnHandle,
     ) {
@@ -427,10 +416,8 @@ impl Tracker {
             },
             |c| key::hash_conn(self.seed, c.conn),
         );
-        if let Some(idx) = cs.on_node.get_mut(node) {
-            idx.insert_unique(ch, conn, |c| key::hash_conn(self.seed, *c));
-            self.counts[node].0.fetch_add(1, Ordering::Relaxed);
-        }
+        cs.on_node[node.index()].insert_unique(ch, conn, |c| key::hash_conn(self.seed, *c));
+        self.counts[node.index()].0.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The bare JID's hash of the session on `conn`, if bound.
@@ -484,14 +471,11 @@ impl Tracker {
 
     /// Every session bound on `node`, as (connection, full JID). Visits only
     /// that node's index: time proportional to the node's own sessions.
-    pub fn sessions_on(&self, node: NodeIndex) -> Vec<(ConnId, Arc<str>)> {
-        if node >= NODES {
-            return Vec::new();
-        }
+    pub fn sessions_on(&self, node: NodeId) -> Vec<(ConnId, Arc<str>)> {
         let mut out = Vec::with_capacity(self.count_on(node));
         for shard in self.conns.iter() {
             let cs = shard.0.read();
-            for &conn in cs.on_node[node].iter() {
+            for &conn in cs.on_node[node.index()].iter() {
                 let ch = key::hash_conn(self.seed, conn);
                 if let Some(c) = cs.by_conn.find(ch, |c| c.conn == conn) {
                     out.push((conn, c.full_jid.clone()));
@@ -502,10 +486,8 @@ impl Tracker {
     }
 
     /// Number of sessions bound on `node` (O(1)).
-    pub fn count_on(&self, node: NodeIndex) -> usize {
-        self.counts
-            .get(node)
-            .map_or(0, |c| c.0.load(Ordering::Relaxed))
+    pub fn count_on(&self, node: NodeId) -> usize {
+        self.counts[node.index()].0.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on the user's slot under its shard's read lock.
@@ -523,8 +505,8 @@ impl Tracker {
     /// [`Tracker::summary`], which allocates nothing.
     pub fn lookup(&self, jid: &str) -> Option<User> {
         self.with_user(jid, |u| User {
-            home: NodeIndex::from(u.home),
-            serving: NodeIndex::from(u.serving),
+            home: node_of(u.home),
+            serving: node_of(u.serving),
             sessions: u.sessions().map(SessionSlot::to_public).collect(),
             temp_subscriptions: u
                 .cold
@@ -538,8 +520,8 @@ impl Tracker {
     /// Home, serving node and presence of a user, without allocating.
     pub fn summary(&self, jid: &str) -> Option<Summary> {
         self.with_user(jid, |u| Summary {
-            home: NodeIndex::from(u.home),
-            serving: NodeIndex::from(u.serving),
+            home: node_of(u.home),
+            serving: node_of(u.serving),
             sessions: usize::from(u.count),
             available: u.available,
         })

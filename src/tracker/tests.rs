@@ -1,7 +1,12 @@
 use super::*;
 
-fn handle() -> (ConnHandle, mpsc::Receiver<Control>) {
-    mpsc::channel(4)
+use crate::control::{Control, ControlReceiver, Eviction};
+
+const N1: NodeId = NodeId::Node1;
+const N2: NodeId = NodeId::Node2;
+
+fn handle() -> (ConnHandle, ControlReceiver) {
+    ConnHandle::new(1024)
 }
 
 #[tokio::test]
@@ -9,13 +14,13 @@ async fn bind_presence_close() {
     let t = Tracker::new();
     let (h1, _r1) = handle();
     let (h2, _r2) = handle();
-    t.on_bind("Alice@example.com/desk", 0, 0, 1, h1);
-    t.on_bind("alice@example.com/phone", 0, 1, 2, h2);
+    t.on_bind("Alice@example.com/desk", N1, N1, 1, h1);
+    t.on_bind("alice@example.com/phone", N1, N2, 2, h2);
     let u = t.lookup("alice@example.com").unwrap();
     assert_eq!(u.sessions.len(), 2);
-    assert_eq!(t.count_on(0), 1);
-    assert_eq!(t.count_on(1), 1);
-    assert_eq!(t.sessions_on(1)[0].1.as_ref(), "alice@example.com/phone");
+    assert_eq!(t.count_on(N1), 1);
+    assert_eq!(t.count_on(N2), 1);
+    assert_eq!(t.sessions_on(N2)[0].1.as_ref(), "alice@example.com/phone");
 
     let p = Presence {
         available: true,
@@ -30,7 +35,7 @@ async fn bind_presence_close() {
     assert_eq!(desk.presence, p);
 
     t.on_close(1);
-    assert_eq!(t.count_on(0), 0);
+    assert_eq!(t.count_on(N1), 0);
     assert_eq!(t.lookup("alice@example.com").unwrap().sessions.len(), 1);
     t.on_close(2);
     assert!(t.lookup("alice@example.com").is_none());
@@ -38,32 +43,31 @@ async fn bind_presence_close() {
     // Closing twice, or an unknown connection, changes nothing.
     t.on_close(2);
     t.on_close(99);
-    assert_eq!((t.count_on(0), t.count_on(1)), (0, 0));
+    assert_eq!((t.count_on(N1), t.count_on(N2)), (0, 0));
 }
 
 #[tokio::test]
 async fn rebind_on_the_same_connection_replaces() {
     let t = Tracker::new();
     let (h, _r) = handle();
-    t.on_bind("bob@example.com/a", 1, 1, 7, h.clone());
-    t.on_bind("bob@example.com/b", 1, 1, 7, h);
+    t.on_bind("bob@example.com/a", N2, N2, 7, h.clone());
+    t.on_bind("bob@example.com/b", N2, N2, 7, h);
     let u = t.lookup("bob@example.com").unwrap();
     assert_eq!(u.sessions.len(), 1);
     assert_eq!(u.sessions[0].full_jid.as_ref(), "bob@example.com/b");
-    assert_eq!(t.count_on(1), 1);
+    assert_eq!(t.count_on(N2), 1);
 }
 
 #[tokio::test]
 async fn handles_reach_the_connection() {
     let t = Tracker::new();
     let (h, mut r) = handle();
-    t.on_bind("carol@example.com/x", 0, 0, 3, h);
-    t.handle_of(3)
-        .unwrap()
-        .send(Control::Evict("bye".into()))
-        .await
-        .unwrap();
-    assert!(matches!(r.recv().await, Some(Control::Evict(s)) if s == "bye"));
+    t.on_bind("carol@example.com/x", N1, N1, 3, h);
+    assert!(t.handle_of(3).unwrap().evict(Eviction {
+        xml: "bye".into(),
+        done: None
+    }));
+    assert!(matches!(r.recv().await, Control::Evict(e) if e.xml == "bye"));
 }
 
 #[test]
@@ -82,13 +86,13 @@ async fn summary_serving_and_case() {
     let t = Tracker::new();
     let (h, _r) = handle();
     assert_eq!(t.summary("nobody@example.com"), None);
-    t.on_bind("Dave@Example.COM/a", 0, 1, 10, h.clone());
+    t.on_bind("Dave@Example.COM/a", N1, N2, 10, h.clone());
     let s = t.summary("dave@example.com/other").unwrap();
     assert_eq!(
         s,
         Summary {
-            home: 0,
-            serving: 1,
+            home: N1,
+            serving: N2,
             sessions: 1,
             available: false
         }
@@ -102,7 +106,7 @@ async fn summary_serving_and_case() {
     );
     assert!(t.summary("DAVE@example.com").unwrap().available);
     let u = t.lookup("dave@EXAMPLE.com").unwrap();
-    assert_eq!((u.home, u.serving), (0, 1));
+    assert_eq!((u.home, u.serving), (N1, N2));
     // The full JID is kept exactly as the node bound it.
     assert_eq!(u.sessions[0].full_jid.as_ref(), "Dave@Example.COM/a");
     assert!(u.temp_subscriptions.is_empty());
@@ -114,7 +118,7 @@ async fn long_jids_and_first_session_removal() {
     let (h, _r) = handle();
     let bare = "a-rather-long-localpart-for-heap-storage@conference.example.com";
     for conn in 1..=3 {
-        t.on_bind(&format!("{bare}/r{conn}"), 1, 1, conn, h.clone());
+        t.on_bind(&format!("{bare}/r{conn}"), N2, N2, conn, h.clone());
     }
     assert_eq!(t.lookup(bare).unwrap().sessions.len(), 3);
     // Remove the inline (first) session: another takes its place.
@@ -145,7 +149,7 @@ async fn long_jids_and_first_session_removal() {
     assert!(t.handle_of(1).is_none());
     t.on_close(3);
     t.on_close(2);
-    assert_eq!((t.user_count(), t.count_on(1)), (0, 0));
+    assert_eq!((t.user_count(), t.count_on(N2)), (0, 0));
 }
 
 #[tokio::test]
@@ -153,7 +157,7 @@ async fn per_node_index_follows_binds_and_closes() {
     let t = Tracker::new();
     let (h, _r) = handle();
     for conn in 0..1000u64 {
-        let node = (conn % 2) as usize;
+        let node = if conn % 2 == 0 { N1 } else { N2 };
         t.on_bind(
             &format!("u{conn}@example.com/r"),
             node,
@@ -163,27 +167,25 @@ async fn per_node_index_follows_binds_and_closes() {
         );
     }
     assert_eq!(
-        (t.count_on(0), t.count_on(1), t.user_count()),
+        (t.count_on(N1), t.count_on(N2), t.user_count()),
         (500, 500, 1000)
     );
     for conn in (0..1000u64).step_by(4) {
         t.on_close(conn);
     }
-    let on0 = t.sessions_on(0);
+    let on0 = t.sessions_on(N1);
     assert_eq!(on0.len(), 250);
-    assert_eq!(t.count_on(0), 250);
+    assert_eq!(t.count_on(N1), 250);
     assert!(on0
         .iter()
         .all(|(c, j)| c % 4 == 2 && j.as_ref() == format!("u{c}@example.com/r")));
-    assert_eq!(t.sessions_on(1).len(), 500);
-    assert!(t.sessions_on(2).is_empty());
-    assert_eq!(t.count_on(7), 0);
+    assert_eq!(t.sessions_on(N2).len(), 500);
 }
 
 #[test]
 fn concurrent_updates_keep_counts_consistent() {
     let t = std::sync::Arc::new(Tracker::new());
-    let (h, _r) = mpsc::channel(1);
+    let (h, _r) = handle();
     let threads: Vec<_> = (0..4u64)
         .map(|k| {
             let t = t.clone();
@@ -195,7 +197,8 @@ fn concurrent_updates_keep_counts_consistent() {
                         // Users shared between threads: sessions of one user
                         // come from several connections at once.
                         let jid = format!("user{}@example.com/t{k}", i % 50);
-                        t.on_bind(&jid, 0, ((i + round) % 2) as usize, conn, h.clone());
+                        let node = if (i + round) % 2 == 0 { N1 } else { N2 };
+                        t.on_bind(&jid, N1, node, conn, h.clone());
                         t.on_presence(
                             conn,
                             Presence {
@@ -218,8 +221,8 @@ fn concurrent_updates_keep_counts_consistent() {
     let bound = (0..4u64)
         .map(|_| (0..500u64).filter(|i| i % 3 != 0).count())
         .sum::<usize>();
-    assert_eq!(t.count_on(0) + t.count_on(1), bound);
-    assert_eq!(t.sessions_on(0).len() + t.sessions_on(1).len(), bound);
+    assert_eq!(t.count_on(N1) + t.count_on(N2), bound);
+    assert_eq!(t.sessions_on(N1).len() + t.sessions_on(N2).len(), bound);
     assert_eq!(t.user_count(), 50);
 }
 

@@ -132,6 +132,21 @@ pub fn unescape(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The full JID of a successful resource binding (an `<iq type='result'>`
+/// with an RFC 6120 `<bind><jid>`), unescaped; `None` for any other stanza.
+pub fn bind_result(frame: &[u8], f: &crate::xmpp::framer::Frame) -> Option<String> {
+    if f.name(frame) != b"iq" {
+        return None;
+    }
+    let head = &frame[..f.head_end];
+    if attr(head, b"type") != Some(b"result")
+        || !contains(frame, b"urn:ietf:params:xml:ns:xmpp-bind")
+    {
+        return None;
+    }
+    child_text(frame, b"jid").map(|jid| unescape(jid).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,6 +254,25 @@ pub fn element_text(frame: &[u8], head_end: usize) -> &[u8] {
     &frame[head_end..end]
 }
 
+/// The stream error for a framing error: `<not-well-formed/>`,
+/// `<restricted-xml/>` or `<policy-violation/>` for an over-size stanza.
+pub fn frame_error(e: &crate::xmpp::framer::FrameError) -> String {
+    use crate::xmpp::framer::FrameError;
+    match e {
+        FrameError::NotWellFormed(why) => stream_error("not-well-formed", Some(why), None),
+        FrameError::Restricted(what) => stream_error(
+            "restricted-xml",
+            Some(&format!("{what} is not allowed in XMPP")),
+            None,
+        ),
+        FrameError::TooLarge { limit } => stream_error(
+            "policy-violation",
+            Some(&format!("stanza exceeds the limit of {limit} bytes")),
+            None,
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

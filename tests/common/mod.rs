@@ -5,12 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prg_proxy::proxy::Shared;
+use prg_proxy::proxy::ProxyView;
 use prg_proxy::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
 use prg_proxy::{Config, Proxy};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
+
+pub use prg_proxy::node::NodeId;
+pub const N1: NodeId = NodeId::Node1;
+pub const N2: NodeId = NodeId::Node2;
 
 pub const DOMAIN: &str = "example.com";
 pub const T: Duration = Duration::from_secs(10);
@@ -53,7 +57,7 @@ impl Certs {
 pub struct TestGroup {
     pub pair: SimPair,
     pub certs: Certs,
-    pub shared: Arc<Shared>,
+    pub view: ProxyView,
     pub starttls: SocketAddr,
     pub direct: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -112,7 +116,7 @@ impl TestGroup {
         let proxy = Proxy::bind(config).await.unwrap();
         let starttls = proxy.starttls_addr().unwrap();
         let direct = proxy.direct_tls_addr().unwrap();
-        let shared = proxy.shared();
+        let view = proxy.view();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(proxy.run(async move {
             let _ = rx.await;
@@ -120,7 +124,7 @@ impl TestGroup {
         TestGroup {
             pair,
             certs,
-            shared,
+            view,
             starttls,
             direct,
             stop: Some(tx),

@@ -1,0 +1,134 @@
+//! Stanza hooks: what looks at the stanzas a connection relays.
+//!
+//! Each complete stanza is shown, by reference and before it is forwarded,
+//! to every hook of the connection, per direction. A hook may ask for bytes
+//! to be injected into either stream; they are written after the batch the
+//! stanza belongs to, so always between two stanzas, never inside one.
+//!
+//! The session tracker's hook ([`TrackerHook`]) is built in; further hooks
+//! (the temporary-presence registry) come from [`HookFactory`]s in the
+//! connection's context.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::control::{ConnHandle, ConnId};
+use crate::node::NodeId;
+use crate::tracker::{Presence, Tracker};
+use crate::xmpp::framer::Frame;
+use crate::xmpp::peek;
+
+/// Bytes hooks want written, per stream.
+#[derive(Debug, Default)]
+pub struct Injections {
+    /// To the client, after the current batch.
+    pub to_client: Vec<Bytes>,
+    /// To the node, after the current batch.
+    pub to_node: Vec<Bytes>,
+}
+
+/// Looks at the stanzas of one connection.
+pub trait StanzaHook: Send {
+    /// A complete stanza from the client, before it goes to the node.
+    fn client_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        let _ = (frame, f, inject);
+    }
+
+    /// A complete stanza from the node, before it goes to the client.
+    fn node_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        let _ = (frame, f, inject);
+    }
+}
+
+/// Who a relayed session is, for the hooks built for it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The connection.
+    pub conn: ConnId,
+    /// The user's normalised bare JID.
+    pub user: Arc<str>,
+    /// The user's assigned node.
+    pub home: NodeId,
+    /// The node the session is relayed to.
+    pub node: NodeId,
+    /// The connection's control point.
+    pub handle: ConnHandle,
+}
+
+/// Builds a hook for each relayed session.
+pub trait HookFactory: Send + Sync {
+    /// The hook for one session.
+    fn hook(&self, session: &SessionInfo) -> Box<dyn StanzaHook>;
+}
+
+/// A connection's hooks: the tracker's, then any others.
+pub struct Hooks {
+    tracker: TrackerHook,
+    others: Vec<Box<dyn StanzaHook>>,
+}
+
+impl Hooks {
+    /// The hooks of one session.
+    pub fn new(
+        tracker: Arc<Tracker>,
+        session: &SessionInfo,
+        factories: &[Arc<dyn HookFactory>],
+    ) -> Hooks {
+        Hooks {
+            tracker: TrackerHook {
+                tracker,
+                session: session.clone(),
+                bound: false,
+            },
+            others: factories.iter().map(|f| f.hook(session)).collect(),
+        }
+    }
+
+    /// Shows a client stanza to every hook.
+    #[inline]
+    pub fn client_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        self.tracker.client_stanza(frame, f, inject);
+        for h in &mut self.others {
+            h.client_stanza(frame, f, inject);
+        }
+    }
+
+    /// Shows a node stanza to every hook.
+    #[inline]
+    pub fn node_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        self.tracker.node_stanza(frame, f, inject);
+        for h in &mut self.others {
+            h.node_stanza(frame, f, inject);
+        }
+    }
+}
+
+/// Feeds the session tracker: the bind result from the node, broadcast
+/// presence from the client.
+pub struct TrackerHook {
+    tracker: Arc<Tracker>,
+    session: SessionInfo,
+    bound: bool,
+}
+
+impl StanzaHook for TrackerHook {
+    fn client_stanza(&mut self, frame: &[u8], f: &Frame, _: &mut Injections) {
+        if let Some(p) = Presence::peek(frame, f) {
+            self.tracker.on_presence(self.session.conn, p);
+        }
+    }
+
+    fn node_stanza(&mut self, frame: &[u8], f: &Frame, _: &mut Injections) {
+        if self.bound {
+            return;
+        }
+        if let Some(full) = peek::bind_result(frame, f) {
+            let s = &self.session;
+            self.tracker
+                .on_bind(&full, s.home, s.node, s.conn, s.handle.clone());
+            self.bound = true;
+            tracing::debug!(jid = %full, "bound");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Closing the streams a move affects, and knowing when that is done.
+//!
+//! For each [`MoveOrder`], every session of the moved home's users still
+//! bound on the node they leave gets an [`Eviction`] (a
+//! `<system-shutdown/>` stream error naming the nodes and the reason)
+//! carrying one shared [`DoneToken`]. The order is answered when every
+//! token is dropped, that is when every affected connection has closed its
+//! client stream (or given up on a client that does not read, within its
+//! write deadline), and at the latest after `eviction_timeout`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::control::{DoneToken, Eviction};
+use crate::group::monitor::MoveOrder;
+use crate::group::Move;
+use crate::metrics::Metrics;
+use crate::tracker::Tracker;
+use crate::upstream::Nodes;
+use crate::xmpp::stream;
+
+/// What the failover module needs, built once at start.
+pub struct FailoverContext {
+    /// Who is bound where.
+    pub tracker: Arc<Tracker>,
+    /// Node names for the texts.
+    pub nodes: Arc<Nodes>,
+    /// Evictions.
+    pub metrics: Arc<Metrics>,
+    /// Longest wait for the streams of one move to close; connections
+    /// bound their own close by the write deadline, so this is a backstop.
+    pub eviction_timeout: Duration,
+}
+
+/// Starts the task that carries out move orders.
+pub fn spawn(ctx: FailoverContext, orders: mpsc::UnboundedReceiver<MoveOrder>) -> JoinHandle<()> {
+    tokio::spawn(run(Arc::new(ctx), orders).instrument(info_span!("failover")))
+}
+
+async fn run(ctx: Arc<FailoverContext>, mut orders: mpsc::UnboundedReceiver<MoveOrder>) {
+    while let Some(order) = orders.recv().await {
+        let ctx = ctx.clone();
+        // Moves run side by side: a slow one never delays the next.
+        tokio::spawn(
+            async move {
+                let ok = carry_out(&ctx, &order.mv).await;
+                let _ = order.done.send(ok);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Evicts the sessions `m` affects and waits until their streams are
+/// closed. Returns `false` if that took longer than the backstop.
+async fn carry_out(ctx: &FailoverContext, m: &Move) -> bool {
+    let start = Instant::now();
+    let (token, all_done) = DoneToken::pair();
+    let evicted = evict(ctx, m, &token);
+    drop(token);
+    ctx.metrics
+        .group_evictions
+        .fetch_add(evicted as u64, Ordering::Relaxed);
+    if evicted == 0 {
+        return true;
+    }
+    let done = tokio::time::timeout(ctx.eviction_timeout, all_done.wait())
+        .await
+        .is_ok();
+    let took = start.elapsed();
+    if done {
+        info!(
+            users_of = %ctx.nodes.name(m.users_of),
+            evicted,
+            ?took,
+            "move done: every affected stream is closed"
+        );
+    } else {
+        warn!(
+            users_of = %ctx.nodes.name(m.users_of),
+            evicted,
+            ?took,
+            "move not done: streams still open after the eviction timeout"
+        );
+    }
+    done
+}
+
+/// Asks every affected connection to close. Returns how many were asked.
+fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
+    let Some(from) = m.from else {
+        return 0;
+    };
+    let name = |n| ctx.nodes.name(n);
+    let text = match m.to {
+        Some(to) => format!(
+            "the users of node {} move from {} to {} ({}); reconnect",
+            name(m.users_of),
+            name(from),
+            name(to),
+            m.why
+        ),
+        None => format!(
+            "no node can serve the users of node {} now ({}); reconnect later",
+            name(m.users_of),
+            m.why
+        ),
+    };
+    let xml = stream::stream_error("system-shutdown", Some(&text), None);
+    let tracker = &ctx.tracker;
+    let mut n = 0;
+    for (conn, jid) in tracker.sessions_on(from) {
+        let Some(user) = tracker.summary(&jid) else {
+            continue;
+        };
+        if user.home != m.users_of {
+            continue;
+        }
+        let Some(h) = tracker.handle_of(conn) else {
+            continue;
+        };
+        let asked = h.evict(Eviction {
+            xml: xml.clone(),
+            done: Some(token.clone()),
+        });
+        if asked {
+            n += 1;
+        }
+    }
+    n
+}
