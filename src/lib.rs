@@ -14,6 +14,8 @@
 //!   and the monitor that drives both and re-routes users.
 //! - [`route`] — user assignment (home node) and who serves each home now.
 //! - [`tracker`] — every user's JSM sessions, per node: the hot path.
+//! - [`jid`] — bare JIDs normalised per RFC 7622 (PRECIS), the key of routing,
+//!   tracking and assignment.
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,
 //!   stream and error builders.
 //! - [`sim`] — a simulated IM&P node pair and client, for the demo, the tests
@@ -24,6 +26,7 @@ pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod group;
+pub mod jid;
 pub mod logging;
 pub mod proxy;
 pub mod route;
