@@ -559,6 +559,8 @@ impl Config {
 }
 
 /// Parses an assignment file (`[users]` table of bare JID → node name).
+/// Keys are normalised by [`crate::jid::normalize_bare`]; an invalid JID,
+/// or two spellings of one JID, is an error naming it.
 pub fn parse_assignment_overrides(
     text: &str,
     nodes: &[NodeConfig],
@@ -574,7 +576,15 @@ pub fn parse_assignment_overrides(
         let Some(idx) = nodes.iter().position(|n| n.name == node) else {
             return Err(format!("user {jid:?} is assigned to unknown node {node:?}"));
         };
-        out.insert(jid.to_ascii_lowercase(), idx);
+        let bare = crate::jid::normalize_bare(&jid).map_err(|e| format!("[users]: {e}"))?;
+        if let Some(prev) = out.insert(bare.clone(), idx) {
+            if prev != idx {
+                return Err(format!(
+                    "user {bare:?} is assigned to both {:?} and {:?} (two spellings of one JID)",
+                    nodes[prev].name, nodes[idx].name
+                ));
+            }
+        }
     }
     Ok(out)
 }

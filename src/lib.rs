@@ -9,6 +9,8 @@
 //! [`proxy`], which builds every part's narrow context once at start.
 //!
 //! - [`node`] — which node of the pair: the one node identity.
+//! - [`jid`] — bare JIDs normalised per RFC 7622 (PRECIS), the key of
+//!   routing, tracking and assignment.
 //! - [`config`] — TOML configuration, validated before anything is bound.
 //! - [`metrics`] — counters, readable at any time.
 //! - [`control`] — how the proxy talks to a live connection (evict,
@@ -39,6 +41,7 @@ pub mod control;
 pub mod demo;
 pub mod failover;
 pub mod group;
+pub mod jid;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub group_transitions: AtomicU64,
     /// Routing changes (a home's users moved to another node or to none).
     pub group_moves: AtomicU64,
+    /// Connections closed because a peer did not take written bytes within
+    /// `limits.write_timeout`.
+    pub write_timeouts: AtomicU64,
     /// Node failures confirmed by fast detection (relay failures and a
     /// refused connect), ahead of any heartbeat timeout.
     pub fast_detections: AtomicU64,

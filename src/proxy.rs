@@ -54,6 +54,9 @@ pub enum AddUserError {
     /// The assignment mode or the node does not allow it.
     #[error(transparent)]
     Assignment(#[from] crate::route::AddUserError),
+    /// Not a valid bare JID (RFC 7622).
+    #[error(transparent)]
+    Jid(#[from] crate::jid::JidError),
 }
 
 /// What the outside (the admin surface, the demo, tests) may see and ask:
@@ -80,9 +83,12 @@ impl ProxyView {
         self.group.subscribe()
     }
 
-    /// A user's home node.
+    /// A user's home node (`bare` is normalised first; an invalid JID has
+    /// no home).
     pub fn home(&self, bare: &str) -> Result<NodeId, AssignError> {
-        self.assignment.home(bare)
+        let key = crate::jid::normalize_bare(bare)
+            .map_err(|_| AssignError::NotAssigned(bare.to_string()))?;
+        self.assignment.home(&key)
     }
 
     /// The node with this configured name.
@@ -98,8 +104,9 @@ impl ProxyView {
     /// `none`: lets the user log in). Refused while a node of the group is
     /// failed over or users are moving, as the source requires.
     pub fn add_user(&self, bare: &str, node: NodeId) -> Result<(), AddUserError> {
+        let bare = crate::jid::normalize_bare(bare)?;
         self.group.can_add_users()?;
-        self.assignment.add(bare, node)?;
+        self.assignment.add(&bare, node)?;
         info!(user = %bare, node = %self.config.nodes.get(node.index()).map_or("", |n| n.name.as_str()), "user added to the assignment");
         Ok(())
     }

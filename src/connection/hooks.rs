@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::control::{ConnHandle, ConnId};
+use crate::jid;
 use crate::node::NodeId;
 use crate::tracker::{Presence, Tracker};
 use crate::xmpp::framer::Frame;
@@ -123,12 +124,24 @@ impl StanzaHook for TrackerHook {
         if self.bound {
             return;
         }
-        if let Some(full) = peek::bind_result(frame, f) {
-            let s = &self.session;
-            self.tracker
-                .on_bind(&full, s.home, s.node, s.conn, s.handle.clone());
-            self.bound = true;
-            tracing::debug!(jid = %full, "bound");
-        }
+        let Some(full) = peek::bind_result(frame, f) else {
+            return;
+        };
+        self.bound = true;
+        // Track under the normalised bare JID, whatever case the node
+        // echoed, so that one user has one entry.
+        let bare = match jid::normalize_full_to_bare(&full) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(jid = %full, error = %e, "node bound a JID that is not valid; session not tracked");
+                return;
+            }
+        };
+        let resource = full.split_once('/').map_or("", |(_, r)| r);
+        let tracked = format!("{bare}/{resource}");
+        let s = &self.session;
+        self.tracker
+            .on_bind(&tracked, s.home, s.node, s.conn, s.handle.clone());
+        tracing::debug!(jid = %tracked, "bound");
     }
 }

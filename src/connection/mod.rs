@@ -431,7 +431,8 @@ impl ClientConnection {
             .from
             .as_deref()
             .filter(|f| f.contains('@'))
-            .map(|f| sasl::bare_jid(f, &domain));
+            // An invalid `from` is ignored: the SASL identity decides.
+            .and_then(|f| sasl::bare_jid(f, &domain).ok());
         Ok(Opened {
             client,
             domain,

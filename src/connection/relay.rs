@@ -422,9 +422,11 @@ pub(super) async fn relay(
                 let now = Instant::now();
                 let late = |d: Option<Instant>| d.is_some_and(|d| d <= now);
                 if late(to_client.deadline) {
+                    p.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
                     return finish(end, ConnError::WriteTimeout { side: Side::Client, after: wt }, evict_token);
                 }
                 if late(to_node.deadline) {
+                    p.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
                     if closing {
                         // Leave the node behind.
                         to_node.abandon();
@@ -449,6 +451,7 @@ pub(super) async fn relay(
                         close!(End::ClientClosed, to_client: None::<Bytes>, to_node: None::<Bytes>);
                     }
                     Phase::Closing { .. } => {
+                        p.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
                         return finish(end, ConnError::WriteTimeout { side: Side::Client, after: wt }, evict_token);
                     }
                     Phase::Open => {}

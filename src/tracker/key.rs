@@ -1,11 +1,14 @@
-//! Compact, case-insensitive bare-JID keys and their hash.
+//! Compact bare-JID keys and their hash.
 //!
-//! A lookup arrives with a JID as the client or node wrote it (any ASCII
-//! case, maybe with a resource). Lower-casing it into a `String` before
-//! every probe was the old tracker's one allocation per stanza; instead the
-//! hash folds ASCII case eight bytes at a time and equality uses
-//! `eq_ignore_ascii_case`, so a probe never allocates. Stored keys are
-//! lower-cased once, at insert, inline when short.
+//! Keys arrive already normalised per RFC 7622 by [`crate::jid`] (PRECIS
+//! UsernameCaseMapped localpart, IDNA domainpart): that normalisation is
+//! what makes two spellings of one user the same key, Unicode case
+//! included. On top of it the hash folds ASCII case eight bytes at a time
+//! and equality uses `eq_ignore_ascii_case`, and stored keys are
+//! ASCII-lower-cased once, at insert, inline when short. For a normalised
+//! key that folding changes nothing; it is only a cheap extra that keeps a
+//! probe with a stray ASCII capital (a caller that skipped normalisation)
+//! on the right entry without allocating. It does not fold non-ASCII case.
 
 /// Longest key kept inline: `SmallStr` is then 32 bytes, half a cache line,
 /// and most bare JIDs (`jsmith@example.com`) fit.
@@ -26,7 +29,8 @@ pub(crate) enum SmallStr {
 }
 
 impl SmallStr {
-    /// `s`, ASCII-lower-cased (the canonical form of a tracked bare JID).
+    /// `s`, ASCII-lower-cased: `s` is a bare JID normalised by
+    /// [`crate::jid`], which this leaves unchanged.
     pub(crate) fn lowercase(s: &str) -> SmallStr {
         if s.len() <= INLINE {
             let mut bytes = [0u8; INLINE];

@@ -17,6 +17,9 @@ pub enum IdentifyError {
     /// The response does not decode as the mechanism says it must.
     #[error("malformed {0} initial response")]
     Malformed(&'static str),
+    /// The identity is not a valid JID (RFC 7622).
+    #[error(transparent)]
+    InvalidJid(#[from] crate::jid::JidError),
 }
 
 /// Mechanisms whose initial response names the user.
@@ -42,8 +45,8 @@ pub fn decode_payload(text: &str) -> Result<Vec<u8>, IdentifyError> {
         .map_err(|_| IdentifyError::Malformed("base64"))
 }
 
-/// Reads the bare JID (lower-cased) from a mechanism's initial response.
-/// `domain` completes a bare user name.
+/// Reads the bare JID from a mechanism's initial response, normalised by
+/// [`crate::jid::normalize_bare`]. `domain` completes a bare user name.
 pub fn identify(mechanism: &str, response: &[u8], domain: &str) -> Result<String, IdentifyError> {
     let name = if mechanism == "PLAIN" {
         plain_identity(response)?
@@ -52,20 +55,21 @@ pub fn identify(mechanism: &str, response: &[u8], domain: &str) -> Result<String
     } else {
         return Err(IdentifyError::UnsupportedMechanism(mechanism.to_string()));
     };
-    Ok(bare_jid(&name, domain))
+    bare_jid(&name, domain)
 }
 
-/// Turns a SASL identity into a bare JID: `alice` → `alice@domain`,
-/// `alice@other.example` stays, a resource is dropped.
-pub fn bare_jid(name: &str, domain: &str) -> String {
+/// Turns a SASL identity into a normalised bare JID
+/// ([`crate::jid::normalize_bare`]): `Alice` → `alice@domain`,
+/// `Alice@Other.Example` → `alice@other.example`, a resource is dropped.
+/// An identity that is no valid JID is [`IdentifyError::InvalidJid`].
+pub fn bare_jid(name: &str, domain: &str) -> Result<String, IdentifyError> {
     let name = name.split('/').next().unwrap_or(name);
-    let mut jid = if name.contains('@') {
-        name.to_string()
+    let normalized = if name.contains('@') {
+        crate::jid::normalize_bare(name)
     } else {
-        format!("{name}@{domain}")
+        crate::jid::normalize_bare(&format!("{name}@{domain}"))
     };
-    jid.make_ascii_lowercase();
-    jid
+    normalized.map_err(IdentifyError::InvalidJid)
 }
 
 /// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616). The authorization
@@ -200,6 +204,48 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn identities_are_normalised_jids() {
+        assert_eq!(
+            bare_jid("ÄRGER", "Example.COM").as_deref(),
+            Ok("ärger@example.com")
+        );
+        assert_eq!(
+            bare_jid("Ärger@Bücher.example/phone", "example.com").as_deref(),
+            Ok("ärger@xn--bcher-kva.example")
+        );
+        assert_eq!(
+            bare_jid("Alice/res", "example.com").as_deref(),
+            Ok("alice@example.com")
+        );
+        for bad in ["a b", "o'hara", "a@", "@b", "a\u{1}", "ﬀ"] {
+            assert!(
+                matches!(
+                    bare_jid(bad, "example.com"),
+                    Err(IdentifyError::InvalidJid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let r = decode_payload(&b64("\0ÄRGER\0pw".as_bytes())).unwrap();
+        assert_eq!(
+            identify("PLAIN", &r, "example.com").unwrap(),
+            "ärger@example.com"
+        );
+        let r = "n,,n=ÄRGER,r=x".as_bytes();
+        assert_eq!(
+            identify("SCRAM-SHA-256", r, "example.com").unwrap(),
+            "ärger@example.com"
+        );
+        let e = identify("SCRAM-SHA-1", b"n,,n=a b,r=x", "example.com").unwrap_err();
+        assert!(matches!(e, IdentifyError::InvalidJid(_)));
+        assert!(
+            e.to_string()
+                .starts_with(r#"the localpart of "a b@example.com" is not a valid username"#),
+            "{e}"
+        );
     }
 
     #[test]
