@@ -71,8 +71,10 @@ async fn starttls_users_on_different_nodes_chat_and_see_presence() {
     assert!(m.bytes_up.load(Relaxed) > 0 && m.bytes_down.load(Relaxed) > 0);
 
     alice.close().await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(g.view.tracker.lookup("alice@example.com").is_none());
+    assert!(
+        eventually(T, || g.view.tracker.lookup("alice@example.com").is_none()).await,
+        "alice's session is gone once she closed"
+    );
     assert_eq!(g.view.tracker.count_on(N1), 0);
 }
 
@@ -317,7 +319,13 @@ async fn shutdown_sends_system_shutdown_to_every_client() {
     let mut dave = g.login("dave", "PLAIN", "d").await;
     let mut raw = tokio::net::TcpStream::connect(g.starttls).await.unwrap();
     raw.write_all(b"<stream:stream to='example.com' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>").await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The proxy answered the header: the connection is being served.
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(T, raw.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0);
     g.stop().await;
     expect_stream_error(alice.recv(T).await, "system-shutdown");
     expect_stream_error(dave.recv(T).await, "system-shutdown");

@@ -166,3 +166,18 @@ impl TestGroup {
         }
     }
 }
+
+/// Waits until `cond` holds, checking every few milliseconds, at most `within`.
+/// Returns whether it held.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
