@@ -20,5 +20,5 @@ mod stream;
 mod xml;
 
 pub use client::{ClientError, ClientTls, SimClient, Stanza};
-pub use node::{Roster, SimNode, SimNodeConfig, SimPair};
+pub use node::{LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair};
 pub use reconnect::{ReconnectPolicy, Relogin};
