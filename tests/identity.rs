@@ -39,7 +39,9 @@ async fn a_name_outside_the_profile_is_a_clear_sasl_failure() {
         .await
         .unwrap();
     match c.login("bad user", "pw", "PLAIN").await {
-        Err(ClientError::SaslFailure { condition, text }) => {
+        Err(ClientError::SaslFailure {
+            condition, text, ..
+        }) => {
             assert_eq!(condition, "malformed-request");
             let text = text.unwrap_or_default();
             assert!(text.contains("RFC 7622"), "{text}");

@@ -210,7 +210,9 @@ async fn assignment_none_refuses_with_a_clear_text() {
         .await
         .unwrap();
     match c.login("alice", "pw", "PLAIN").await {
-        Err(ClientError::SaslFailure { condition, text }) => {
+        Err(ClientError::SaslFailure {
+            condition, text, ..
+        }) => {
             assert_eq!(condition, "not-authorized");
             assert_eq!(
                 text.as_deref(),
@@ -373,7 +375,9 @@ async fn assignment_none_admits_only_explicitly_assigned_users() {
         .await
         .unwrap();
     match c.login("bob", "pw", "PLAIN").await {
-        Err(ClientError::SaslFailure { condition, text }) => {
+        Err(ClientError::SaslFailure {
+            condition, text, ..
+        }) => {
             assert_eq!(condition, "not-authorized");
             assert_eq!(
                 text.as_deref(),

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prg_proxy::sim::{ClientError, ClientTls, Roster, SimClient, SimNode, SimNodeConfig, SimPair};
+use prg_proxy::sim::{
+    ClientError, ClientTls, LoginCapacity, Roster, SimClient, SimNode, SimNodeConfig, SimPair,
+};
 use tokio_rustls::rustls;
 
 const D: &str = "example.com";
@@ -809,4 +811,164 @@ fn public_types_are_send_and_sync() {
     send::<SimClient>();
     send_sync::<ClientError>();
     send_sync::<prg_proxy::sim::Stanza>();
+}
+
+fn capacity_node_cfg(n_users: usize, cap: LoginCapacity) -> SimNodeConfig {
+    let users = (0..n_users)
+        .map(|i| (format!("u{i}"), "pw".to_string()))
+        .collect();
+    let mut c = SimNodeConfig::new("imp1", D, users);
+    c.roster = Roster::Empty;
+    c.login_capacity = Some(cap);
+    c
+}
+
+/// Connect `n` clients (stream open, no login yet).
+async fn connect_many(node: &SimNode, n: usize) -> Vec<SimClient> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(
+            SimClient::connect(node.addr(), D, ClientTls::None)
+                .await
+                .expect("connect"),
+        );
+    }
+    v
+}
+
+/// Log every client in at once as `u{i}`; each result with its duration.
+async fn login_all(clients: Vec<SimClient>) -> Vec<(Result<SimClient, ClientError>, Duration)> {
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let t0 = std::time::Instant::now();
+                let r = async {
+                    c.login(&format!("u{i}"), "pw", "PLAIN").await?;
+                    c.bind("r").await?;
+                    Ok(c)
+                }
+                .await;
+                (r, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("login task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_capacity_below_saturation_is_fast() {
+    let work = Duration::from_millis(50);
+    let node = SimNode::start(capacity_node_cfg(
+        4,
+        LoginCapacity {
+            concurrent: 4,
+            work_per_login: work,
+            queue_timeout: Duration::from_secs(5),
+        },
+    ))
+    .await
+    .expect("start");
+    assert_eq!(node.login_capacity().map(|c| c.rate()), Some(80.0));
+    let clients = connect_many(&node, 4).await;
+    for (r, took) in login_all(clients).await {
+        r.expect("login below capacity");
+        assert!(took >= work, "{took:?}");
+    }
+    let lat = node.login_latencies();
+    assert_eq!(lat.len(), 4);
+    for l in &lat {
+        // The work plus a little: no queueing (generous bound for a busy debug build).
+        assert!(*l >= work && *l < work + Duration::from_secs(2), "{l:?}");
+    }
+    assert_eq!(node.logins_completed(), 4);
+    assert_eq!(node.logins_overloaded(), 0);
+    assert_eq!(node.logins_in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_storm_queues_then_fails_with_temporary_auth_failure() {
+    // 2 slots × 200 ms = 10 logins/s; 12 logins at once is 3× what one
+    // 400 ms window can take. Queueing beyond 300 ms is refused, so the
+    // logins whose turn would come at 400 ms or later fail.
+    let work = Duration::from_millis(200);
+    let node = SimNode::start(capacity_node_cfg(
+        13,
+        LoginCapacity {
+            concurrent: 2,
+            work_per_login: work,
+            queue_timeout: Duration::from_millis(300),
+        },
+    ))
+    .await
+    .expect("start");
+    let n = 12;
+    let clients = connect_many(&node, n).await;
+    let results = login_all(clients).await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for (r, _) in results {
+        match r {
+            Ok(_) => ok += 1,
+            Err(ClientError::SaslFailure {
+                condition, text, ..
+            }) => {
+                assert_eq!(condition, "temporary-auth-failure");
+                assert_eq!(text.as_deref(), Some("node overloaded"));
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected login error: {e}"),
+        }
+    }
+    assert_eq!(ok + refused, n);
+    assert!(ok >= 2, "the first two slots always serve: {ok}");
+    assert!(refused >= 1, "nobody was refused");
+    assert_eq!(node.logins_completed(), ok as u64);
+    assert_eq!(node.logins_overloaded(), refused as u64);
+    assert_eq!(node.logins_in_flight(), 0);
+    // Latency grew: someone waited for a slot at least one work period.
+    let lat = node.login_latencies();
+    assert_eq!(lat.len(), ok);
+    let max = lat.iter().max().copied().unwrap_or_default();
+    assert!(max >= 2 * work, "no queueing seen: {lat:?}");
+
+    // After the storm a login is served at once again.
+    let mut c = SimClient::connect(node.addr(), D, ClientTls::None)
+        .await
+        .expect("connect");
+    c.login("u12", "pw", "SCRAM-SHA-1").await.expect("login");
+    c.bind("r").await.expect("bind");
+    assert_eq!(node.logins_completed(), ok as u64 + 1);
+    let last = node.login_latencies().last().copied().unwrap_or_default();
+    assert!(
+        last >= work && last < work + Duration::from_secs(2),
+        "{last:?}"
+    );
+}
+
+#[tokio::test]
+async fn node_without_capacity_counts_logins() {
+    let node = SimNode::start(cfg("imp1")).await.expect("start");
+    assert_eq!(node.login_capacity(), None);
+    let c = online(&node, "alice", "r").await;
+    assert_eq!(node.logins_completed(), 1);
+    assert_eq!(node.login_latencies().len(), 1);
+    assert_eq!(node.logins_overloaded(), 0);
+    assert_eq!(node.logins_in_flight(), 0);
+    // A wrong password ends the login attempt: nothing stays in flight.
+    let mut d = SimClient::connect(node.addr(), D, ClientTls::None)
+        .await
+        .expect("connect");
+    match d.login("bob", "wrong", "PLAIN").await {
+        Err(e @ ClientError::SaslFailure { .. }) => assert_eq!(e.relogin(), None),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(node.logins_in_flight(), 0);
+    assert_eq!(node.logins_completed(), 1);
+    drop(c);
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsConnector;
 
+use super::reconnect::Relogin;
 use super::scram::ScramClient;
 use super::stream::Io;
 use super::xml::{esc, local_name, parse_element, parse_start, Element, Frame, Framer};
@@ -78,16 +79,31 @@ pub enum ClientError {
         raw: String,
     },
     /// SASL `<failure/>`.
-    #[error("sasl failure <{condition}/>")]
+    #[error("sasl failure <{condition}/>{}", text.as_deref().map(|t| format!(": {t}")).unwrap_or_default())]
     SaslFailure {
         /// Condition element name, e.g. `not-authorized`.
         condition: String,
         /// The `<text/>`, if any.
         text: Option<String>,
+        /// The raw `<failure>` XML (with any application-specific child).
+        raw: String,
     },
     /// Unexpected protocol element or content.
     #[error("protocol error: {0}")]
     Protocol(String),
+}
+
+impl ClientError {
+    /// The re-login hint carried by a stream error or a SASL failure, if any
+    /// (see [`Relogin::parse`]).
+    pub fn relogin(&self) -> Option<Relogin> {
+        match self {
+            ClientError::StreamError { raw, .. } | ClientError::SaslFailure { raw, .. } => {
+                Relogin::parse(raw)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One received top-level element.
@@ -166,6 +182,7 @@ impl std::fmt::Debug for SimClient {
 }
 
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 const MAX_STANZA: usize = 4 << 20;
 
 impl SimClient {
@@ -420,16 +437,26 @@ impl SimClient {
             .await?;
         if s.name == "failure" {
             let t = s.tree();
+            // The defined condition: not `<text/>`, not an application
+            // element in another namespace (e.g. a re-login hint).
             let condition = t
                 .as_ref()
-                .and_then(|t| t.children.iter().find(|c| c.local() != "text"))
+                .and_then(|t| {
+                    t.children
+                        .iter()
+                        .find(|c| c.local() != "text" && c.ns().map_or(true, |ns| ns == NS_SASL))
+                })
                 .map(|c| c.local().to_owned())
                 .unwrap_or_default();
             let text = t
                 .as_ref()
                 .and_then(|t| t.child("text"))
                 .map(|c| c.text.clone());
-            return Err(ClientError::SaslFailure { condition, text });
+            return Err(ClientError::SaslFailure {
+                condition,
+                text,
+                raw: s.raw,
+            });
         }
         Ok(s)
     }
@@ -751,5 +778,25 @@ mod tests {
         assert_eq!(s.body().as_deref(), Some("x"));
         assert!(s.has_child("error"));
         assert_eq!(s.attr("from"), Some("a@b"));
+    }
+
+    #[test]
+    fn relogin_hint_from_errors() {
+        let raw = "<stream:error><system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><relogin xmlns='urn:x-prg-proxy:relogin:0' after='317' min='120' max='537' reason='failover'/></stream:error>";
+        let s = Stanza::from_raw(Bytes::from(raw)).expect("stanza");
+        let e = check_stream_error(&s).expect_err("stream error");
+        let h = e.relogin().expect("hint");
+        assert_eq!(h.after, Duration::from_secs(317));
+        assert_eq!(h.reason, "failover");
+        let e = ClientError::SaslFailure {
+            condition: "temporary-auth-failure".into(),
+            text: None,
+            raw: "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><temporary-auth-failure/><relogin xmlns='urn:x-prg-proxy:relogin:0' after='1.5' reason='paced'/></failure>".into(),
+        };
+        assert_eq!(
+            e.relogin().map(|h| (h.after, h.reason)),
+            Some((Duration::from_millis(1500), "paced".to_owned()))
+        );
+        assert_eq!(ClientError::Timeout.relogin(), None);
     }
 }

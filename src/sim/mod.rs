@@ -6,15 +6,19 @@
 //! [`SimPair`] joins two nodes of a presence redundancy group so that users
 //! on either node see each other. [`SimClient`] is the client used by the
 //! tests, the demo and the benches; it speaks the standard protocol and also
-//! works through the proxy and against a real server.
+//! works through the proxy and against a real server. [`Relogin`] reads the
+//! proxy's re-login hint and [`ReconnectPolicy`] decides when a simulated
+//! client comes back.
 
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod node;
+pub mod reconnect;
 mod scram;
 mod stream;
 mod xml;
 
 pub use client::{ClientError, ClientTls, SimClient, Stanza};
-pub use node::{Roster, SimNode, SimNodeConfig, SimPair};
+pub use node::{LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair};
+pub use reconnect::{ReconnectPolicy, Relogin};

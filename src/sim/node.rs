@@ -29,9 +29,14 @@
 //!   gets `<restricted-xml/>` per RFC 6120 §11 (Prosody 0.12 says
 //!   `<not-well-formed/>`);
 //! * output to a slow reader is buffered without bound (like Prosody); the
-//!   node keeps reading while it writes.
+//!   node keeps reading while it writes;
+//! * with a [`LoginCapacity`] the node saturates like a real one: every
+//!   `<auth>` waits (FIFO) for one of `concurrent` login slots and holds it for
+//!   `work_per_login` before the SASL exchange goes on; a login that could not
+//!   get a slot within `queue_timeout` is refused with
+//!   `<temporary-auth-failure/>` (text `node overloaded`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -46,8 +51,9 @@ use base64::Engine;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
@@ -70,6 +76,139 @@ const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Login latencies kept for [`SimNode::login_latencies`] (the most recent ones).
+pub const LOGIN_LATENCY_WINDOW: usize = 4096;
+
+/// How many logins a node can process, like a real IM&P node whose login
+/// path (authentication back end, session set-up) is the bottleneck.
+///
+/// A login, from the receipt of `<auth>` until the bind result is sent,
+/// needs one of `concurrent` slots for `work_per_login` (the slot is held
+/// while the node "works", modelled as a sleep, not CPU). The node thus
+/// sustains `concurrent / work_per_login` logins per second: below that a
+/// login costs about `work_per_login` plus the client's round trips; above
+/// it logins queue (first come, first served) and latency grows. A login
+/// that waited longer than `queue_timeout` for a slot is refused with
+/// `<failure><temporary-auth-failure/><text>node overloaded</text></failure>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginCapacity {
+    /// Logins processed at the same time (0 is taken as 1).
+    pub concurrent: usize,
+    /// How long one login holds its slot.
+    pub work_per_login: Duration,
+    /// Longest wait for a slot before the login is refused.
+    pub queue_timeout: Duration,
+}
+
+impl LoginCapacity {
+    /// Work per login chosen by [`LoginCapacity::per_second`].
+    pub const DEFAULT_WORK: Duration = Duration::from_millis(50);
+    /// Queue timeout chosen by [`LoginCapacity::per_second`]: below the
+    /// [`SimClient`](super::SimClient)'s 10 s set-up timeout, so that a
+    /// queued client sees the overload refusal rather than its own timeout.
+    pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(8);
+
+    /// A capacity of about `rate` logins per second: 50 ms of work per login,
+    /// `ceil(rate * 0.05)` slots (at least 1, so the real capacity is
+    /// rounded up to a multiple of 20/s), 8 s queue timeout. A rate that is
+    /// not a positive number gives 1 slot (20/s).
+    pub fn per_second(rate: f64) -> LoginCapacity {
+        let slots = rate * Self::DEFAULT_WORK.as_secs_f64();
+        let concurrent = if slots.is_finite() && slots > 0.0 {
+            (slots.ceil() as usize).max(1)
+        } else {
+            1
+        };
+        LoginCapacity {
+            concurrent,
+            work_per_login: Self::DEFAULT_WORK,
+            queue_timeout: Self::DEFAULT_QUEUE_TIMEOUT,
+        }
+    }
+
+    /// Sustained logins per second: `concurrent / work_per_login`
+    /// (infinite when the work is zero).
+    pub fn rate(&self) -> f64 {
+        self.concurrent.max(1) as f64 / self.work_per_login.as_secs_f64()
+    }
+}
+
+/// The login slots of a node with a [`LoginCapacity`].
+struct LoginGate {
+    cap: LoginCapacity,
+    slots: Semaphore,
+}
+
+impl LoginGate {
+    fn new(cap: LoginCapacity) -> LoginGate {
+        let n = cap.concurrent.clamp(1, Semaphore::MAX_PERMITS);
+        LoginGate {
+            cap,
+            slots: Semaphore::new(n),
+        }
+    }
+
+    /// Wait for a slot (at most `queue_timeout`), then hold it for
+    /// `work_per_login`. `false`: no slot in time (overloaded).
+    async fn admit(&self) -> bool {
+        let permit = match tokio::time::timeout(self.cap.queue_timeout, self.slots.acquire()).await
+        {
+            Ok(Ok(p)) => p,
+            // Timed out (the semaphore is never closed).
+            Ok(Err(_)) | Err(_) => return false,
+        };
+        tokio::time::sleep(self.cap.work_per_login).await;
+        drop(permit);
+        true
+    }
+}
+
+/// Login counters of a node.
+#[derive(Default)]
+struct LoginStats {
+    completed: AtomicU64,
+    overloaded: AtomicU64,
+    in_flight: AtomicUsize,
+    latencies: Mutex<VecDeque<Duration>>,
+}
+
+impl LoginStats {
+    fn record(&self, d: Duration) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        let mut l = lock(&self.latencies);
+        if l.len() >= LOGIN_LATENCY_WINDOW {
+            l.pop_front();
+        }
+        l.push_back(d);
+    }
+}
+
+/// One login in progress on a connection (from `<auth>` to the bind
+/// result); counted in flight until it completes, fails or the connection ends.
+struct LoginTrack {
+    stats: Arc<LoginStats>,
+    start: Instant,
+}
+
+impl LoginTrack {
+    fn start(stats: &Arc<LoginStats>) -> LoginTrack {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        LoginTrack {
+            stats: stats.clone(),
+            start: Instant::now(),
+        }
+    }
+
+    fn complete(self) {
+        self.stats.record(self.start.elapsed());
+    }
+}
+
+impl Drop for LoginTrack {
+    fn drop(&mut self) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Who is on a user's roster (all entries with subscription `both`).
 #[derive(Debug, Clone, Default)]
@@ -109,11 +248,14 @@ pub struct SimNodeConfig {
     pub max_stanza_bytes: usize,
     /// SCRAM iteration count (keys are derived once per distinct password).
     pub scram_iterations: u32,
+    /// Login capacity; `None` (the default): logins are limited only by the CPU.
+    pub login_capacity: Option<LoginCapacity>,
 }
 
 impl SimNodeConfig {
     /// A configuration with defaults: SCRAM-SHA-1 and PLAIN, no TLS,
-    /// [`Roster::AllUsers`], 262 144-byte stanzas, 4096 SCRAM iterations.
+    /// [`Roster::AllUsers`], 262 144-byte stanzas, 4096 SCRAM iterations,
+    /// no login capacity limit.
     pub fn new(
         name: impl Into<String>,
         domain: impl Into<String>,
@@ -130,6 +272,7 @@ impl SimNodeConfig {
             roster: Roster::AllUsers,
             max_stanza_bytes: 262_144,
             scram_iterations: 4096,
+            login_capacity: None,
         }
     }
 }
@@ -195,6 +338,8 @@ struct Shared {
     sessions: RwLock<SessionMap>,
     bound: AtomicUsize,
     logins: AtomicU64,
+    login_gate: Option<LoginGate>,
+    login_stats: Arc<LoginStats>,
     peer: OnceLock<Weak<Shared>>,
     addr: SocketAddr,
     listener: Mutex<Option<TcpListener>>,
@@ -271,6 +416,8 @@ impl SimNode {
             sessions: RwLock::new(HashMap::new()),
             bound: AtomicUsize::new(0),
             logins: AtomicU64::new(0),
+            login_gate: cfg.login_capacity.map(LoginGate::new),
+            login_stats: Arc::default(),
             peer: OnceLock::new(),
             addr,
             listener: Mutex::new(Some(listener)),
@@ -313,6 +460,38 @@ impl SimNode {
     /// Successful SASL authentications since start.
     pub fn logins_total(&self) -> u64 {
         self.inner.logins.load(Ordering::Relaxed)
+    }
+
+    /// Logins completed (from `<auth>` to the bind result) since start.
+    pub fn logins_completed(&self) -> u64 {
+        self.inner.login_stats.completed.load(Ordering::Relaxed)
+    }
+
+    /// Logins refused with `<temporary-auth-failure/>` because no login slot
+    /// became free within the [`LoginCapacity::queue_timeout`].
+    pub fn logins_overloaded(&self) -> u64 {
+        self.inner.login_stats.overloaded.load(Ordering::Relaxed)
+    }
+
+    /// Logins in progress now: `<auth>` received (queued or being
+    /// processed), bind result not sent yet, connection still open.
+    pub fn logins_in_flight(&self) -> usize {
+        self.inner.login_stats.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Durations of the most recent completed logins (at most
+    /// [`LOGIN_LATENCY_WINDOW`], oldest first), each from the receipt of
+    /// `<auth>` to the sending of the bind result.
+    pub fn login_latencies(&self) -> Vec<Duration> {
+        lock(&self.inner.login_stats.latencies)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// The configured login capacity.
+    pub fn login_capacity(&self) -> Option<LoginCapacity> {
+        self.inner.login_gate.as_ref().map(|g| g.cap)
     }
 
     /// Crash: stop listening (connects are refused) and reset every connection.
@@ -680,6 +859,8 @@ struct Conn {
     sasl: Sasl,
     sess: Option<Arc<Sess>>,
     rx: Option<mpsc::UnboundedReceiver<Out>>,
+    /// The login in progress, if any.
+    login: Option<LoginTrack>,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<Out>>) -> Option<Out> {
@@ -758,6 +939,7 @@ impl Conn {
             sasl: Sasl::None,
             sess: None,
             rx: None,
+            login: None,
         }
     }
 
@@ -1074,6 +1256,16 @@ impl Conn {
                     }
                 }
                 ("auth", Some(NS_SASL)) => {
+                    self.login = Some(LoginTrack::start(&self.node.login_stats));
+                    if !self.admit_login().await? {
+                        self.node
+                            .login_stats
+                            .overloaded
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.sasl = Sasl::None;
+                        self.sasl_failure_text("temporary-auth-failure", "node overloaded");
+                        return Ok(());
+                    }
                     self.on_auth(&el);
                     Ok(())
                 }
@@ -1135,9 +1327,38 @@ impl Conn {
         Ok(())
     }
 
+    /// Wait for a login slot and do the login's work (no-op without a
+    /// [`LoginCapacity`]). `Ok(false)`: overloaded.
+    async fn admit_login(&mut self) -> Result<bool, Exit> {
+        let node = self.node.clone();
+        let Some(gate) = &node.login_gate else {
+            return Ok(true);
+        };
+        let kill = &mut self.kill;
+        tokio::select! {
+            biased;
+            _ = kill.changed() => Err(Exit::Killed),
+            ok = gate.admit() => Ok(ok),
+        }
+    }
+
+    /// SASL `<failure/>`; ends the login in progress.
     fn sasl_failure(&mut self, cond: &str) {
+        self.login = None;
         self.out.extend_from_slice(
             format!("<failure xmlns='{NS_SASL}'><{cond}/></failure>").as_bytes(),
+        );
+    }
+
+    /// SASL `<failure/>` with a `<text/>`; ends the login in progress.
+    fn sasl_failure_text(&mut self, cond: &str, text: &str) {
+        self.login = None;
+        self.out.extend_from_slice(
+            format!(
+                "<failure xmlns='{NS_SASL}'><{cond}/><text xml:lang='en'>{}</text></failure>",
+                esc(text)
+            )
+            .as_bytes(),
         );
     }
 
@@ -1313,6 +1534,9 @@ impl Conn {
             )
             .as_bytes(),
         );
+        if let Some(l) = self.login.take() {
+            l.complete();
+        }
         Ok(())
     }
 
@@ -1643,4 +1867,91 @@ fn stamp(el: &Element, raw: &[u8], from: &str) -> Bytes {
     s.push(b'\'');
     s.extend_from_slice(&raw[tail..]);
     Bytes::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_second_picks_slots_for_50ms_work() {
+        let c = LoginCapacity::per_second(100.0);
+        assert_eq!(c.concurrent, 5);
+        assert_eq!(c.work_per_login, Duration::from_millis(50));
+        assert_eq!(c.queue_timeout, Duration::from_secs(8));
+        assert!((c.rate() - 100.0).abs() < 1e-9);
+        assert_eq!(LoginCapacity::per_second(30.0).concurrent, 2);
+        assert_eq!(LoginCapacity::per_second(1.0).concurrent, 1);
+        assert_eq!(LoginCapacity::per_second(0.0).concurrent, 1);
+        assert_eq!(LoginCapacity::per_second(-3.0).concurrent, 1);
+        assert_eq!(LoginCapacity::per_second(f64::NAN).concurrent, 1);
+        assert_eq!(LoginCapacity::per_second(f64::INFINITY).concurrent, 1);
+    }
+
+    /// Start `n` admissions at once; (admitted, refused) with each one's
+    /// time to decision.
+    async fn burst(gate: Arc<LoginGate>, n: usize) -> Vec<(bool, Duration)> {
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let g = gate.clone();
+                tokio::spawn(async move { (g.admit().await, t0.elapsed()) })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("admit task"));
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gate_below_capacity_costs_the_work() {
+        let gate = Arc::new(LoginGate::new(LoginCapacity {
+            concurrent: 4,
+            work_per_login: Duration::from_millis(100),
+            queue_timeout: Duration::from_secs(1),
+        }));
+        for r in burst(gate, 4).await {
+            assert_eq!(r, (true, Duration::from_millis(100)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gate_queues_then_refuses_above_capacity() {
+        // 2 slots × 100 ms = 20 logins/s; a burst of 12 is 3× a 200 ms window.
+        let gate = Arc::new(LoginGate::new(LoginCapacity {
+            concurrent: 2,
+            work_per_login: Duration::from_millis(100),
+            queue_timeout: Duration::from_millis(250),
+        }));
+        let r = burst(gate.clone(), 12).await;
+        let ok: Vec<Duration> = r.iter().filter(|x| x.0).map(|x| x.1).collect();
+        let refused: Vec<Duration> = r.iter().filter(|x| !x.0).map(|x| x.1).collect();
+        // FIFO: slots free at 100 ms and 200 ms; the wait at 300 ms exceeds 250 ms.
+        assert_eq!(
+            ok,
+            [100, 100, 200, 200, 300, 300].map(Duration::from_millis)
+        );
+        assert_eq!(refused, vec![Duration::from_millis(250); 6]);
+        // Once the storm is over the node is fast again.
+        assert_eq!(
+            burst(gate, 2).await,
+            vec![(true, Duration::from_millis(100)); 2]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_slots_is_one() {
+        let gate = Arc::new(LoginGate::new(LoginCapacity {
+            concurrent: 0,
+            work_per_login: Duration::from_millis(10),
+            queue_timeout: Duration::from_secs(1),
+        }));
+        let r = burst(gate, 3).await;
+        assert_eq!(
+            r.iter().map(|x| x.1).collect::<Vec<_>>(),
+            [10, 20, 30].map(Duration::from_millis)
+        );
+    }
 }
