@@ -56,6 +56,9 @@ pub struct Config {
     /// DNS for SRV node addresses.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Re-login hints and the login pacer.
+    #[serde(default)]
+    pub failover: FailoverConfig,
 }
 
 /// DNS resolution of `srv` node names.
@@ -387,6 +390,114 @@ impl Default for LimitsConfig {
     }
 }
 
+/// How the re-login window of a move is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowMode {
+    /// Slots spread over the target node's `[relogin_lower, relogin_upper]`.
+    Fixed,
+    /// The window opens as soon as the move is done and lasts N / (the rate
+    /// the pacer admits at the target node now), within the target node's
+    /// `relogin_upper`.
+    Adaptive,
+}
+
+/// Re-login hints and the login pacer (`[failover]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// How a move's re-login window is laid out.
+    pub window: WindowMode,
+    /// Longest time a login is held inside SASL waiting for its turn;
+    /// a login whose turn is further off is refused with a fresh hint.
+    /// Keep it below the usual 30 s client timeouts.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
+    /// The login rate (per second and node) the pacer starts at.
+    pub initial_rate: f64,
+    /// The adaptive rate never drops below this (logins per second).
+    pub min_rate: f64,
+    /// The adaptive rate never exceeds this (logins per second).
+    pub max_rate: f64,
+    /// The pacer lowers the rate when a node's login latency exceeds this
+    /// multiple of its unloaded latency.
+    pub latency_tolerance: f64,
+    /// How often the pacer revises a node's rate.
+    #[serde(with = "humantime_serde")]
+    pub adjust_interval: Duration,
+    /// How long an evicted user's slot is remembered after its time.
+    #[serde(with = "humantime_serde")]
+    pub slot_grace: Duration,
+    /// Window over which a proxy shutdown spreads its re-login hints.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_spread: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            window: WindowMode::Adaptive,
+            max_hold: Duration::from_secs(20),
+            initial_rate: 50.0,
+            min_rate: 2.0,
+            max_rate: 2000.0,
+            latency_tolerance: 3.0,
+            adjust_interval: Duration::from_millis(500),
+            slot_grace: Duration::from_secs(600),
+            shutdown_spread: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FailoverConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rate_ok = |r: f64| r.is_finite() && r > 0.0;
+        for (k, r) in [
+            ("initial_rate", self.initial_rate),
+            ("min_rate", self.min_rate),
+            ("max_rate", self.max_rate),
+        ] {
+            if !rate_ok(r) {
+                return Err(ConfigError::new(
+                    format!("failover.{k}"),
+                    "must be a positive number of logins per second",
+                ));
+            }
+        }
+        if self.min_rate > self.max_rate {
+            return Err(ConfigError::new(
+                "failover.min_rate",
+                "must not exceed failover.max_rate",
+            ));
+        }
+        if !(self.min_rate..=self.max_rate).contains(&self.initial_rate) {
+            return Err(ConfigError::new(
+                "failover.initial_rate",
+                "must lie between failover.min_rate and failover.max_rate",
+            ));
+        }
+        if !(self.latency_tolerance.is_finite() && self.latency_tolerance > 1.0) {
+            return Err(ConfigError::new(
+                "failover.latency_tolerance",
+                "must be a number greater than 1",
+            ));
+        }
+        for (k, d) in [
+            ("max_hold", self.max_hold),
+            ("adjust_interval", self.adjust_interval),
+            ("shutdown_spread", self.shutdown_spread),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::new(
+                    format!("failover.{k}"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -529,6 +640,7 @@ impl Config {
             }
         }
         self.limits.validate()?;
+        self.failover.validate()?;
         if self.group.assignment_file.is_some()
             && self.group.assignment == AssignmentMode::ActiveStandby
         {

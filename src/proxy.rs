@@ -19,11 +19,11 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::connection::{Accepted, ClientConnection, ConnContext};
-use crate::failover::{self, Admission, FailoverContext};
+use crate::failover::{self, Admission, FailoverContext, Hints, Pacer};
 use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::{GroupHandle, GroupStatus, UsersCannotBeAdded};
 use crate::metrics::Metrics;
-use crate::node::NodeId;
+use crate::node::{NodeId, PAIR};
 use crate::route::{AssignError, Assignment, Routing};
 use crate::tls::server_tls;
 use crate::tracker::Tracker;
@@ -75,6 +75,8 @@ pub struct ProxyView {
     pub metrics: Arc<Metrics>,
     /// The SASL mechanisms offered to clients.
     pub mechanisms: Arc<Mechanisms>,
+    /// Re-login hints and the login pacer (rates, slots, counters).
+    pub hints: Arc<Hints>,
 }
 
 impl ProxyView {
@@ -160,6 +162,8 @@ impl Proxy {
         let metrics = Arc::new(Metrics::default());
         let group = Arc::new(GroupHandle::new(&config));
         let (orders_tx, orders) = mpsc::unbounded_channel();
+        let pacer = Arc::new(Pacer::new(&config.failover, PAIR));
+        let hints = Arc::new(Hints::new(&config, pacer));
         let conn = Arc::new(ConnContext {
             limits: config.limits.clone(),
             domains: config.group.domains.clone(),
@@ -171,7 +175,8 @@ impl Proxy {
             mechanisms: mechanisms.clone(),
             metrics: metrics.clone(),
             group: group.clone(),
-            admission: Arc::new(Admission::new()),
+            admission: Arc::new(Admission::new(hints.clone(), config.failover.max_hold)),
+            hints: hints.clone(),
             hooks: Vec::new(),
         });
         let monitor = MonitorContext {
@@ -188,6 +193,7 @@ impl Proxy {
             tracker: tracker.clone(),
             nodes,
             metrics: metrics.clone(),
+            hints: hints.clone(),
             // Each connection closes within its write deadline; twice that
             // covers a batch already pending when the eviction came.
             eviction_timeout: config.limits.write_timeout * 2 + Duration::from_secs(1),
@@ -199,6 +205,7 @@ impl Proxy {
             assignment,
             metrics,
             mechanisms,
+            hints,
         };
         Ok(Proxy {
             conn,

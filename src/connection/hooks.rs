@@ -11,9 +11,12 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 
 use crate::control::{ConnHandle, ConnId};
+use crate::failover::Pacer;
 use crate::jid;
 use crate::node::NodeId;
 use crate::tracker::{Presence, Tracker};
@@ -63,9 +66,11 @@ pub trait HookFactory: Send + Sync {
     fn hook(&self, session: &SessionInfo) -> Box<dyn StanzaHook>;
 }
 
-/// A connection's hooks: the tracker's, then any others.
+/// A connection's hooks: the tracker's, the login pacer's until the
+/// session is bound, then any others.
 pub struct Hooks {
     tracker: TrackerHook,
+    login: Option<LoginHook>,
     others: Vec<Box<dyn StanzaHook>>,
 }
 
@@ -73,10 +78,17 @@ impl Hooks {
     /// The hooks of one session.
     pub fn new(
         tracker: Arc<Tracker>,
+        pacer: Arc<Pacer>,
         session: &SessionInfo,
         factories: &[Arc<dyn HookFactory>],
     ) -> Hooks {
         Hooks {
+            login: Some(LoginHook {
+                pacer,
+                user: session.user.clone(),
+                node: session.node,
+                since: Instant::now(),
+            }),
             tracker: TrackerHook {
                 tracker,
                 session: session.clone(),
@@ -98,10 +110,45 @@ impl Hooks {
     /// Shows a node stanza to every hook.
     #[inline]
     pub fn node_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        if let Some(l) = &self.login {
+            if l.done(frame, f) {
+                self.login = None;
+            }
+        }
         self.tracker.node_stanza(frame, f, inject);
         for h in &mut self.others {
             h.node_stanza(frame, f, inject);
         }
+    }
+}
+
+/// Tells the login pacer how long the node took to log the user in (auth
+/// forwarded → bind result), or that it refused the login as overloaded.
+struct LoginHook {
+    pacer: Arc<Pacer>,
+    user: Arc<str>,
+    node: NodeId,
+    /// When the `<auth>` was forwarded (the relay starts right after).
+    since: Instant,
+}
+
+impl LoginHook {
+    /// Looks at a node stanza before the bind result; `true` once the
+    /// login's outcome is known.
+    fn done(&self, frame: &[u8], f: &Frame) -> bool {
+        if peek::bind_result(frame, f).is_some() {
+            self.pacer
+                .logged_in(&self.user, self.node, self.since.elapsed());
+            return true;
+        }
+        if peek::element_name(frame) == b"failure" {
+            if peek::contains(frame, b"temporary-auth-failure") {
+                self.pacer.overloaded(self.node);
+            }
+            // A failed login: its outcome is known.
+            return true;
+        }
+        false
     }
 }
 

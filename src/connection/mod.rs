@@ -44,7 +44,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::config::LimitsConfig;
 use crate::control::{ConnHandle, ConnId};
-use crate::failover::{Admission, Admit, Login};
+use crate::failover::{Admission, Admit, Hints, Login};
 use crate::group::GroupHandle;
 use crate::metrics::Metrics;
 use crate::node::NodeId;
@@ -81,11 +81,17 @@ pub struct ConnContext {
     pub group: Arc<GroupHandle>,
     /// The step between routing and the node connect.
     pub admission: Arc<Admission>,
+    /// Re-login hints for streams the proxy ends itself.
+    pub hints: Arc<Hints>,
     /// Further stanza hooks for each relayed session.
     pub hooks: Vec<Arc<dyn HookFactory>>,
 }
 
 impl ConnContext {
+    fn active_connections(&self) -> usize {
+        self.metrics.connections_active.load(Ordering::Relaxed) as usize
+    }
+
     /// The relay saw a connection to `node` fail (evidence for the
     /// monitor's fast detection).
     fn note_node_failure(&self, node: NodeId) {
@@ -577,6 +583,7 @@ impl ClientConnection {
             user: &routed.id.bare,
             home: routed.home,
             target: routed.target,
+            max_wait: self.deadline.saturating_duration_since(Instant::now()),
         };
         let decision = tokio::select! {
             d = self.ctx.admission.admit(&login) => d,
@@ -586,9 +593,12 @@ impl ClientConnection {
         };
         match decision {
             Admit::Go => Ok(Admitted { routed }),
-            Admit::Refuse { condition, text } => {
-                info!(user = %routed.id.bare, condition, "login refused by admission");
-                Err(self.sasl_failure(&mut o.client, condition, &text).await)
+            Admit::Refuse(failure) => {
+                info!(user = %routed.id.bare, node = %self.ctx.nodes.name(routed.target), "login refused by the pacer");
+                match self.send(&mut o.client, failure.as_bytes()).await {
+                    Ok(()) => Err(Refused::Retry),
+                    Err(end) => Err(end.into()),
+                }
             }
         }
     }
@@ -657,7 +667,23 @@ impl ClientConnection {
             node: routed.target,
             handle,
         };
-        let hooks = Hooks::new(ctx.tracker.clone(), &session, &ctx.hooks);
+        let hooks = Hooks::new(
+            ctx.tracker.clone(),
+            ctx.admission.pacer().clone(),
+            &session,
+            &ctx.hooks,
+        );
+        let user = session.user.clone();
+        let target = routed.target;
+        let closing = |why: relay::Closing| -> String {
+            let hints = &ctx.hints;
+            match why {
+                relay::Closing::Shutdown => hints.shutdown(ctx.active_connections()),
+                relay::Closing::NodeLost | relay::Closing::NodeStalled => {
+                    hints.node_lost(&user, target, ctx.tracker.count_on(target))
+                }
+            }
+        };
         debug!(node = %ctx.nodes.name(routed.target), "relaying");
         let limits = &ctx.limits;
         let end = relay::relay(
@@ -674,6 +700,7 @@ impl ClientConnection {
             self.shutdown.clone(),
             relay::RelayParams {
                 metrics: &ctx.metrics,
+                closing: &closing,
                 read_size: limits.read_buffer_bytes,
                 write_timeout: limits.write_timeout,
                 close_wait: limits.close_wait,
@@ -778,11 +805,7 @@ impl ClientConnection {
     ) -> End {
         let (xml, end) = if shutdown {
             (
-                stream::stream_error(
-                    "system-shutdown",
-                    Some("the proxy is shutting down; reconnect"),
-                    None,
-                ),
+                self.ctx.hints.shutdown(self.ctx.active_connections()),
                 End::Shutdown,
             )
         } else {

@@ -43,9 +43,23 @@ const CLOSE_STREAM: &[u8] = b"</stream:stream>";
 /// What the relay needs besides the two streams.
 pub(super) struct RelayParams<'a> {
     pub(super) metrics: &'a Metrics,
+    /// The stream error that ends the client stream for a reason the
+    /// relay noticed itself (each carries a re-login hint).
+    pub(super) closing: &'a (dyn Fn(Closing) -> String + Send + Sync),
     pub(super) read_size: usize,
     pub(super) write_timeout: Duration,
     pub(super) close_wait: Duration,
+}
+
+/// Why the relay itself ends a client stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Closing {
+    /// The connection to the node was lost.
+    NodeLost,
+    /// The node stopped reading.
+    NodeStalled,
+    /// The proxy is shutting down.
+    Shutdown,
 }
 
 /// One direction's queue of whole stanzas waiting to be written, with the
@@ -335,11 +349,7 @@ pub(super) async fn relay(
                 Control::Inject(b) => to_client.push(b, wt),
             },
             () = wait_shutdown(&mut shutdown), if !closing => {
-                let xml = stream::stream_error(
-                    "system-shutdown",
-                    Some("the proxy is shutting down; reconnect"),
-                    None,
-                );
+                let xml = (p.closing)(Closing::Shutdown);
                 close!(
                     End::Shutdown,
                     to_client: Some(Bytes::from(xml)),
@@ -359,11 +369,7 @@ pub(super) async fn relay(
             r = to_node.drive(&mut nw), if to_node.pending() => {
                 if let Err(e) = r {
                     // The node is gone mid-write: tell the client.
-                    let xml = stream::stream_error(
-                        "remote-connection-failed",
-                        Some("the connection to the user's node was lost; reconnect"),
-                        None,
-                    );
+                    let xml = (p.closing)(Closing::NodeLost);
                     to_node.abandon();
                     close!(
                         End::Error(ConnError::io(Side::Node, "write", e)),
@@ -393,11 +399,7 @@ pub(super) async fn relay(
                     close!(End::ClientClosed, to_client: None::<Bytes>, to_node: None::<Bytes>);
                 }
                 Ok(0) => {
-                    let xml = stream::stream_error(
-                        "remote-connection-failed",
-                        Some("the connection to the user's node was lost; reconnect"),
-                        None,
-                    );
+                    let xml = (p.closing)(Closing::NodeLost);
                     close!(
                         End::NodeLost(ConnError::Protocol(Side::Node, "the node closed the connection".into())),
                         to_client: Some(Bytes::from(xml)),
@@ -406,11 +408,7 @@ pub(super) async fn relay(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let xml = stream::stream_error(
-                        "remote-connection-failed",
-                        Some("the connection to the user's node was lost; reconnect"),
-                        None,
-                    );
+                    let xml = (p.closing)(Closing::NodeLost);
                     close!(
                         End::NodeLost(ConnError::io(Side::Node, "read", e)),
                         to_client: Some(Bytes::from(xml)),
@@ -432,11 +430,7 @@ pub(super) async fn relay(
                         to_node.abandon();
                         continue;
                     }
-                    let xml = stream::stream_error(
-                        "remote-connection-failed",
-                        Some("the user's node stopped reading; reconnect"),
-                        None,
-                    );
+                    let xml = (p.closing)(Closing::NodeStalled);
                     to_node.abandon();
                     close!(
                         End::Error(ConnError::WriteTimeout { side: Side::Node, after: wt }),

@@ -1,10 +1,19 @@
 //! The admission step between routing and the upstream connect: every
 //! login passes here before the proxy opens a node connection for it.
 //!
-//! It admits everything now. This is where a login pacer holds logins that
-//! come back too early or too fast after a move, and refuses those whose
-//! turn is far off, so that the node taking over is never stormed.
+//! The login [`Pacer`] decides: a login is admitted at once, **held**
+//! (the client waits inside SASL, no node connection is open) until its
+//! user's turn or the node's next free admission, or **refused** with a
+//! SASL `<temporary-auth-failure/>` carrying a fresh re-login hint when
+//! that turn is further off than `failover.max_hold`.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::debug;
+
+use super::hints::Hints;
+use super::pacer::{Pace, Pacer};
 use crate::node::NodeId;
 
 /// A login about to be routed.
@@ -16,6 +25,8 @@ pub struct Login<'a> {
     pub home: NodeId,
     /// The node that serves the user now, where the login goes.
     pub target: NodeId,
+    /// The longest the client can be held (its remaining pre-auth time).
+    pub max_wait: Duration,
 }
 
 /// What the admission step decided.
@@ -23,30 +34,52 @@ pub struct Login<'a> {
 pub enum Admit {
     /// Open the node connection now.
     Go,
-    /// Refuse the login with this SASL failure condition and text; the
-    /// client may try again.
-    Refuse {
-        /// A SASL failure condition (RFC 6120 §6.5).
-        condition: &'static str,
-        /// Human-readable text for the client.
-        text: String,
-    },
+    /// Refuse the login with this serialised SASL `<failure/>`; the client
+    /// may try again.
+    Refuse(String),
 }
 
 /// The admission step of the proxy.
-#[derive(Debug, Default)]
-pub struct Admission {}
+#[derive(Debug)]
+pub struct Admission {
+    hints: Arc<Hints>,
+    max_hold: Duration,
+}
 
 impl Admission {
-    /// An admission step that admits every login.
-    pub fn new() -> Admission {
-        Admission {}
+    /// An admission step pacing logins with `hints`' pacer, holding a login
+    /// at most `max_hold`.
+    pub fn new(hints: Arc<Hints>, max_hold: Duration) -> Admission {
+        Admission { hints, max_hold }
     }
 
-    /// Decides on a login. May wait (hold the login) before answering;
-    /// the connection's own deadlines bound the wait.
+    /// The pacer behind the step.
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        self.hints.pacer()
+    }
+
+    /// Decides on a login; holds it (waits) when its turn is near.
     pub async fn admit(&self, login: &Login<'_>) -> Admit {
-        let _ = login;
-        Admit::Go
+        let max_wait = self.max_hold.min(login.max_wait);
+        match self
+            .hints
+            .pacer()
+            .admit(login.user, login.target, max_wait)
+            .await
+        {
+            Pace::Go(waited) => {
+                if !waited.is_zero() {
+                    debug!(user = login.user, ?waited, "login held for its turn");
+                }
+                Admit::Go
+            }
+            Pace::Refuse(after) => {
+                let hint = self.hints.paced(login.target, after);
+                Admit::Refuse(hint.sasl_failure(
+                    "temporary-auth-failure",
+                    "the node is taking users back at a paced rate; try again at the time given",
+                ))
+            }
+        }
     }
 }

@@ -17,13 +17,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::hints::{Hints, Why};
 use crate::control::{DoneToken, Eviction};
 use crate::group::monitor::MoveOrder;
 use crate::group::Move;
 use crate::metrics::Metrics;
 use crate::tracker::Tracker;
 use crate::upstream::Nodes;
-use crate::xmpp::stream;
 
 /// What the failover module needs, built once at start.
 pub struct FailoverContext {
@@ -33,18 +33,39 @@ pub struct FailoverContext {
     pub nodes: Arc<Nodes>,
     /// Evictions.
     pub metrics: Arc<Metrics>,
+    /// Plans each evicted user's re-login slot.
+    pub hints: Arc<Hints>,
     /// Longest wait for the streams of one move to close; connections
     /// bound their own close by the write deadline, so this is a backstop.
     pub eviction_timeout: Duration,
 }
 
-/// Starts the task that carries out move orders.
+/// Starts the task that carries out move orders and drives the login
+/// pacer.
 pub fn spawn(ctx: FailoverContext, orders: mpsc::UnboundedReceiver<MoveOrder>) -> JoinHandle<()> {
-    tokio::spawn(run(Arc::new(ctx), orders).instrument(info_span!("failover")))
+    let ctx = Arc::new(ctx);
+    let pacer = ctx.hints.pacer().clone();
+    tokio::spawn(
+        async move {
+            tokio::join!(run(ctx, orders), pacer.drive());
+        }
+        .instrument(info_span!("failover")),
+    )
 }
 
 async fn run(ctx: Arc<FailoverContext>, mut orders: mpsc::UnboundedReceiver<MoveOrder>) {
-    while let Some(order) = orders.recv().await {
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        let order = tokio::select! {
+            o = orders.recv() => match o {
+                Some(o) => o,
+                None => return,
+            },
+            _ = sweep.tick() => {
+                ctx.hints.pacer().expire(Instant::now());
+                continue;
+            }
+        };
         let ctx = ctx.clone();
         // Moves run side by side: a slow one never delays the next.
         tokio::spawn(
@@ -92,29 +113,17 @@ async fn carry_out(ctx: &FailoverContext, m: &Move) -> bool {
     done
 }
 
-/// Asks every affected connection to close. Returns how many were asked.
+/// Asks every affected connection to close, each user with its own
+/// re-login slot. Returns how many connections were asked.
 fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
     let Some(from) = m.from else {
         return 0;
     };
-    let name = |n| ctx.nodes.name(n);
-    let text = match m.to {
-        Some(to) => format!(
-            "the users of node {} move from {} to {} ({}); reconnect",
-            name(m.users_of),
-            name(from),
-            name(to),
-            m.why
-        ),
-        None => format!(
-            "no node can serve the users of node {} now ({}); reconnect later",
-            name(m.users_of),
-            m.why
-        ),
-    };
-    let xml = stream::stream_error("system-shutdown", Some(&text), None);
     let tracker = &ctx.tracker;
-    let mut n = 0;
+    // The affected sessions, grouped by user: one slot per user.
+    let mut users: Vec<String> = Vec::new();
+    let mut conns: Vec<(usize, crate::control::ConnHandle)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (conn, jid) in tracker.sessions_on(from) {
         let Some(user) = tracker.summary(&jid) else {
             continue;
@@ -125,8 +134,42 @@ fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
         let Some(h) = tracker.handle_of(conn) else {
             continue;
         };
+        let bare = jid.split_once('/').map_or(&*jid, |(b, _)| b).to_owned();
+        let next = users.len();
+        let i = *index.entry(bare.clone()).or_insert(next);
+        if i == next {
+            users.push(bare);
+        }
+        conns.push((i, h));
+    }
+    if conns.is_empty() {
+        return 0;
+    }
+    let name = |n| ctx.nodes.name(n);
+    let why = Why::of_move(m.why, m.to == Some(m.users_of));
+    let text = match m.to {
+        Some(to) => format!(
+            "the users of node {} move from {} to {} ({})",
+            name(m.users_of),
+            name(from),
+            name(to),
+            m.why
+        ),
+        None => format!(
+            "no node can serve the users of node {} now ({})",
+            name(m.users_of),
+            m.why
+        ),
+    };
+    let hints = ctx.hints.plan_move(&users, m.to, m.users_of, why);
+    let xml: Vec<String> = hints
+        .iter()
+        .map(|h| h.stream_error("system-shutdown", &text))
+        .collect();
+    let mut n = 0;
+    for (i, h) in conns {
         let asked = h.evict(Eviction {
-            xml: xml.clone(),
+            xml: xml[i].clone(),
             done: Some(token.clone()),
         });
         if asked {

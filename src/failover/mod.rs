@@ -1,5 +1,7 @@
-//! What a move means for the users it moves: closing their streams
-//! ([`evict`]) and letting their logins back in ([`admission`]).
+//! What a move means for the users it moves: closing their streams with a
+//! re-login hint each ([`evict`], [`hints`], planned by [`plan`]) and
+//! letting their logins back in at the pace the node can take
+//! ([`admission`], [`pacer`]).
 //!
 //! The group monitor decides *that* users move; this module decides *how*
 //! their streams end and when their logins are admitted again. It consumes
@@ -10,6 +12,11 @@
 
 pub mod admission;
 pub mod evict;
+pub mod hints;
+pub mod pacer;
+pub mod plan;
 
 pub use admission::{Admission, Admit, Login};
 pub use evict::{spawn, FailoverContext};
+pub use hints::{Hints, Relogin, Why};
+pub use pacer::{Pace, Pacer};

@@ -169,9 +169,18 @@ pub fn stream_error(condition: &str, text: Option<&str>, app: Option<&str>) -> S
 
 /// A SASL failure (the stream stays open).
 pub fn sasl_failure(condition: &str, text: Option<&str>) -> String {
+    sasl_failure_with(condition, text, None)
+}
+
+/// A SASL failure with an extra child element after the text (serialised,
+/// in its own namespace).
+pub fn sasl_failure_with(condition: &str, text: Option<&str>, extra: Option<&str>) -> String {
     let mut s = format!("<failure xmlns='{NS_SASL}'><{condition}/>");
     if let Some(t) = text {
         s.push_str(&format!("<text xml:lang='en'>{}</text>", escape(t)));
+    }
+    if let Some(x) = extra {
+        s.push_str(x);
     }
     s.push_str("</failure>");
     s

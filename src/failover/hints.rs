@@ -1,0 +1,402 @@
+//! Re-login hints: the stream errors that end moved users' streams, each
+//! with the user's own turn to come back.
+//!
+//! ```xml
+//! <stream:error>
+//!   <system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>
+//!   <text xmlns='urn:ietf:params:xml:ns:xmpp-streams'>…; reconnect in 317 s</text>
+//!   <relogin xmlns='urn:x-prg-proxy:relogin:0' after='317' min='120' max='537' reason='failover'/>
+//! </stream:error>
+//! ```
+//!
+//! [`Hints`] plans a move's slots ([`plan`](super::plan)) over the window of
+//! the node the users will log in to, and hands out slots one by one where
+//! the number of users is only known roughly: the relay noticing that its
+//! node died, and a proxy shutdown ([`Spread`]). Every slot handed out is
+//! remembered by the [`Pacer`], which holds or refuses a login that comes
+//! back before it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use tokio::time::Instant;
+
+use super::pacer::Pacer;
+use super::plan::{self, Window};
+use crate::config::{Config, FailoverConfig};
+use crate::group::Reason;
+use crate::node::{NodeId, PAIR};
+use crate::xmpp::stream;
+
+/// The namespace of the hint element.
+pub const NS_RELOGIN: &str = "urn:x-prg-proxy:relogin:0";
+
+/// Why a stream ends with a hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The user's node failed over (automatically or by the administrator).
+    Failover,
+    /// The user's home node is back and takes its users back.
+    Fallback,
+    /// The group recovered from both nodes failing.
+    Recovery,
+    /// The user was moved to another node.
+    Move,
+    /// The connection to the user's node was lost.
+    NodeLost,
+    /// The proxy is shutting down.
+    Shutdown,
+    /// The login pacer refused an early or over-rate login.
+    Paced,
+}
+
+impl Why {
+    /// The `reason` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Failover => "failover",
+            Why::Fallback => "fallback",
+            Why::Recovery => "recovery",
+            Why::Move => "move",
+            Why::NodeLost => "node-lost",
+            Why::Shutdown => "shutdown",
+            Why::Paced => "paced",
+        }
+    }
+
+    /// What the recovery manager's reason for a move means for the users.
+    pub fn of_move(r: Reason, back_home: bool) -> Why {
+        match r {
+            Reason::AutomaticFallback => Why::Fallback,
+            Reason::AutoRecoverCriticalServiceDown | Reason::AutoRecoverDatabaseFailure => {
+                Why::Recovery
+            }
+            _ if back_home => Why::Fallback,
+            _ => Why::Failover,
+        }
+    }
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One user's re-login hint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Relogin {
+    /// The user's turn, from now.
+    pub after: Duration,
+    /// The window's start, from now.
+    pub min: Duration,
+    /// The window's end, from now.
+    pub max: Duration,
+    /// Why.
+    pub why: Why,
+}
+
+impl Relogin {
+    /// The `<relogin/>` element (whole seconds, `after` rounded up so that a
+    /// client honouring it is never early).
+    pub fn element(&self) -> String {
+        let up = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        format!(
+            "<relogin xmlns='{NS_RELOGIN}' after='{}' min='{}' max='{}' reason='{}'/>",
+            up(self.after),
+            self.min.as_secs(),
+            up(self.max),
+            self.why
+        )
+    }
+
+    /// A stream error with `condition`, `text` (to which "; reconnect in N
+    /// s" is added) and the hint.
+    pub fn stream_error(&self, condition: &str, text: &str) -> String {
+        let up = self.after.as_secs() + u64::from(self.after.subsec_nanos() > 0);
+        let text = format!("{text}; reconnect in {up} s");
+        stream::stream_error(condition, Some(&text), Some(&self.element()))
+    }
+
+    /// A SASL failure with `condition`, `text` and the hint.
+    pub fn sasl_failure(&self, condition: &str, text: &str) -> String {
+        stream::sasl_failure_with(condition, Some(text), Some(&self.element()))
+    }
+}
+
+/// Slots handed out one at a time over a window, stratified for an
+/// expected number of users; beyond it, uniformly over the window.
+#[derive(Debug)]
+pub struct Spread {
+    start: Instant,
+    window: Window,
+    order: Vec<u32>,
+    next: AtomicUsize,
+}
+
+impl Spread {
+    /// A spread for about `n` users from `start` over `window`.
+    pub fn new(start: Instant, window: Window, n: usize) -> Spread {
+        let mut order: Vec<u32> = (0..n.min(u32::MAX as usize) as u32).collect();
+        order.shuffle(&mut rand::thread_rng());
+        Spread {
+            start,
+            window,
+            order,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next user's slot, as an offset from `now` (never negative),
+    /// and the window from `now`.
+    pub fn next(&self, now: Instant) -> (Duration, Window) {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut rng = rand::thread_rng();
+        let n = self.order.len();
+        let at = match self.order.get(k) {
+            Some(&s) => plan::slot_in_stratum(s as usize, n, self.window, &mut rng),
+            None => plan::slot_in_stratum(0, 1, self.window, &mut rng),
+        };
+        let since = now.saturating_duration_since(self.start);
+        let from_now = |d: Duration| d.saturating_sub(since);
+        (
+            from_now(at),
+            Window {
+                lower: from_now(self.window.lower),
+                upper: from_now(self.window.upper),
+            },
+        )
+    }
+
+    /// Whether the spread began less than `fresh` before `now`.
+    fn fresh(&self, now: Instant, fresh: Duration) -> bool {
+        now.saturating_duration_since(self.start) < fresh
+    }
+}
+
+/// Counters of the hints.
+#[derive(Debug, Default)]
+pub struct HintStats {
+    /// Hints issued (every kind).
+    pub issued: AtomicU64,
+}
+
+/// Plans and issues re-login hints.
+#[derive(Debug)]
+pub struct Hints {
+    cfg: FailoverConfig,
+    /// Per node: its configured re-login limits.
+    limits: Vec<(Duration, Duration)>,
+    node_names: Vec<String>,
+    pacer: Arc<Pacer>,
+    /// Per node: the spread of the connections that lost it.
+    lost: Vec<Mutex<Option<Arc<Spread>>>>,
+    shutdown: Mutex<Option<Arc<Spread>>>,
+    /// Counters.
+    pub stats: HintStats,
+}
+
+/// A node-lost spread is reused for connections lost within this time.
+const INCIDENT: Duration = Duration::from_secs(30);
+
+impl Hints {
+    /// Hints for the configured nodes, recording slots in `pacer`.
+    pub fn new(config: &Config, pacer: Arc<Pacer>) -> Hints {
+        Hints {
+            cfg: config.failover.clone(),
+            limits: config
+                .nodes
+                .iter()
+                .map(|n| (n.relogin_lower, n.relogin_upper))
+                .collect(),
+            node_names: config.nodes.iter().map(|n| n.name.clone()).collect(),
+            pacer,
+            lost: (0..PAIR).map(|_| Mutex::new(None)).collect(),
+            shutdown: Mutex::new(None),
+            stats: HintStats::default(),
+        }
+    }
+
+    /// The pacer the slots go to.
+    pub fn pacer(&self) -> &Arc<Pacer> {
+        &self.pacer
+    }
+
+    fn name(&self, n: NodeId) -> &str {
+        self.node_names.get(n.index()).map_or("?", |s| s.as_str())
+    }
+
+    fn limits_of(&self, n: NodeId) -> (Duration, Duration) {
+        let i = n.index().min(self.limits.len().saturating_sub(1));
+        self.limits
+            .get(i)
+            .copied()
+            .unwrap_or((Duration::from_secs(120), Duration::from_secs(537)))
+    }
+
+    /// The window for `n` users logging in to `target`.
+    pub fn window(&self, target: NodeId, n: usize) -> Window {
+        let (lower, upper) = self.limits_of(target);
+        plan::window(self.cfg.window, n, self.pacer.rate(target), lower, upper)
+    }
+
+    /// One hint per user of a move of `users` to `target` (`None`: no node
+    /// can serve them now; the window of their home `home` is used),
+    /// remembered as their slots.
+    pub fn plan_move(
+        &self,
+        users: &[String],
+        target: Option<NodeId>,
+        home: NodeId,
+        why: Why,
+    ) -> Vec<Relogin> {
+        let now = Instant::now();
+        let w = match target {
+            Some(t) => self.window(t, users.len()),
+            None => {
+                let (lower, upper) = self.limits_of(home);
+                Window { lower, upper }
+            }
+        };
+        let slots = plan::stratified(users.len(), w, &mut rand::thread_rng());
+        self.stats
+            .issued
+            .fetch_add(users.len() as u64, Ordering::Relaxed);
+        users
+            .iter()
+            .zip(slots)
+            .map(|(u, after)| {
+                self.pacer.remember(u, now + after);
+                Relogin {
+                    after,
+                    min: w.lower,
+                    max: w.upper,
+                    why,
+                }
+            })
+            .collect()
+    }
+
+    /// The stream error for a user whose node connection to `node` was lost:
+    /// the user will log in to its peer once the group moves, so the slot
+    /// lies in the peer's window, spread over the node's users.
+    pub fn node_lost(&self, user: &str, node: NodeId, users_on_node: usize) -> String {
+        let target = node.peer();
+        let now = Instant::now();
+        let spread = {
+            let mut slot = self.lost[node.index()]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some(s) if s.fresh(now, INCIDENT) => s.clone(),
+                _ => {
+                    let n = users_on_node.max(1);
+                    let s = Arc::new(Spread::new(now, self.window(target, n), n));
+                    *slot = Some(s.clone());
+                    s
+                }
+            }
+        };
+        let (after, w) = spread.next(now);
+        self.pacer.remember(user, now + after);
+        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+        let hint = Relogin {
+            after,
+            min: w.lower,
+            max: w.upper,
+            why: Why::NodeLost,
+        };
+        hint.stream_error(
+            "remote-connection-failed",
+            &format!("the connection to node {} was lost", self.name(node)),
+        )
+    }
+
+    /// The stream error for a connection closed by a proxy shutdown, spread
+    /// over `failover.shutdown_spread` for the `active` connections.
+    pub fn shutdown(&self, active: usize) -> String {
+        let now = Instant::now();
+        let spread = {
+            let mut slot = self.shutdown.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| {
+                let w = Window {
+                    lower: Duration::ZERO,
+                    upper: self.cfg.shutdown_spread,
+                };
+                Arc::new(Spread::new(now, w, active.max(1)))
+            })
+            .clone()
+        };
+        let (after, w) = spread.next(now);
+        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+        Relogin {
+            after,
+            min: w.lower,
+            max: w.upper,
+            why: Why::Shutdown,
+        }
+        .stream_error("system-shutdown", "the proxy is shutting down")
+    }
+
+    /// A fresh hint for a login the pacer refused: come back `after` from
+    /// now, within the target's window.
+    pub fn paced(&self, target: NodeId, after: Duration) -> Relogin {
+        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+        let (_, upper) = self.limits_of(target);
+        Relogin {
+            after,
+            min: after,
+            max: upper.max(after),
+            why: Why::Paced,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hint_element_is_the_designed_one() {
+        let h = Relogin {
+            after: Duration::from_millis(316_200),
+            min: Duration::from_secs(120),
+            max: Duration::from_secs(537),
+            why: Why::Failover,
+        };
+        assert_eq!(
+            h.element(),
+            "<relogin xmlns='urn:x-prg-proxy:relogin:0' after='317' min='120' max='537' reason='failover'/>"
+        );
+        let e = h.stream_error("system-shutdown", "node imp1 failed over");
+        assert!(e.starts_with("<stream:error><system-shutdown "), "{e}");
+        assert!(
+            e.contains(">node imp1 failed over; reconnect in 317 s</text>"),
+            "{e}"
+        );
+        assert!(e.ends_with("</stream:error></stream:stream>"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spread_hands_out_one_stratum_per_user() {
+        let w = Window {
+            lower: Duration::ZERO,
+            upper: Duration::from_secs(10),
+        };
+        let now = Instant::now();
+        let s = Spread::new(now, w, 10);
+        let mut seconds: Vec<u64> = (0..10).map(|_| s.next(now).0.as_secs()).collect();
+        seconds.sort_unstable();
+        assert_eq!(seconds, (0..10).collect::<Vec<_>>());
+        // Beyond the expected count: still inside the window.
+        assert!(s.next(now).0 <= Duration::from_secs(10));
+        // Later calls count from their own now.
+        let later = now + Duration::from_secs(4);
+        let (after, w2) = s.next(later);
+        assert!(after <= Duration::from_secs(6));
+        assert_eq!(w2.upper, Duration::from_secs(6));
+    }
+}

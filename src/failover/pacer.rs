@@ -1,0 +1,696 @@
+//! The login pacer: how fast each node takes logins back after a move.
+//!
+//! The core, [`NodePacer`], is pure (the time is passed in): a token
+//! bucket per node whose rate adapts to the node's login latency (auth
+//! forwarded → bind result). The rate grows while logins wait for tokens
+//! and the latency stays within `latency_tolerance` × the node's unloaded
+//! latency, multiplicatively at first and additively after the first sign
+//! of overload; it shrinks when the latency passes that bound or the node
+//! refuses logins as overloaded. Always within `[min_rate, max_rate]`.
+//!
+//! [`Pacer`] puts it to work for every node:
+//!
+//! - a moved user's login (the user has a slot) waits for its slot, then
+//!   for a token, in arrival order; a login whose wait would pass the
+//!   allowed hold is **refused** at once with the time it should come back,
+//!   which becomes its new slot;
+//! - a login of a user who was not moved takes a token if one is there and
+//!   never waits, so the users of a node that was not hit are never delayed
+//!   behind a storm;
+//! - a driver task hands out the tokens as they accrue, so a rate change
+//!   applies to the logins already waiting.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::config::FailoverConfig;
+use crate::node::NodeId;
+
+/// The pacer's parameters (from `[failover]`).
+#[derive(Debug, Clone, Copy)]
+pub struct PacerParams {
+    /// Start rate, logins per second.
+    pub initial_rate: f64,
+    /// Lowest rate.
+    pub min_rate: f64,
+    /// Highest rate.
+    pub max_rate: f64,
+    /// Latency above this multiple of the unloaded latency means overload.
+    pub latency_tolerance: f64,
+    /// How often the rate is revised.
+    pub adjust_interval: Duration,
+}
+
+impl From<&FailoverConfig> for PacerParams {
+    fn from(c: &FailoverConfig) -> Self {
+        PacerParams {
+            initial_rate: c.initial_rate,
+            min_rate: c.min_rate,
+            max_rate: c.max_rate,
+            latency_tolerance: c.latency_tolerance,
+            adjust_interval: c.adjust_interval,
+        }
+    }
+}
+
+/// Samples needed in an interval before its latency counts.
+const MIN_SAMPLES: u32 = 3;
+/// Rate factor on overload.
+const DECREASE: f64 = 0.85;
+/// Rate factor per interval before the first overload of a storm.
+const SLOW_START: f64 = 1.5;
+/// On overload, the rate drops at least to this share of what the node
+/// delivered in the interval.
+const DELIVERED_SHARE: f64 = 0.95;
+/// Rate growth per interval after it, as a share of the rate.
+const ADDITIVE: f64 = 0.04;
+/// Tokens never pile up beyond this many seconds' worth (at least one).
+const BURST: f64 = 0.05;
+
+/// One node's pacing state. Pure: every method takes the time.
+#[derive(Debug, Clone)]
+pub struct NodePacer {
+    p: PacerParams,
+    rate: f64,
+    tokens: f64,
+    last_refill: Instant,
+    /// Below this rate the rate grows multiplicatively; at or above it,
+    /// additively. Set to what the node delivered at the last overload.
+    threshold: f64,
+    /// After a cut, overload signals of logins admitted before it are
+    /// ignored until this time.
+    calm_until: Instant,
+    /// Lowest mean login latency of an interval, in seconds.
+    base: Option<f64>,
+    interval_start: Instant,
+    sum: f64,
+    samples: u32,
+    overloads: u32,
+    /// A login waited for a token in this interval.
+    limited: bool,
+}
+
+impl NodePacer {
+    /// A pacer at the initial rate, with a full burst of tokens.
+    pub fn new(p: PacerParams, now: Instant) -> NodePacer {
+        let mut n = NodePacer {
+            p,
+            rate: p.initial_rate,
+            tokens: 0.0,
+            last_refill: now,
+            threshold: f64::INFINITY,
+            calm_until: now,
+            base: None,
+            interval_start: now,
+            sum: 0.0,
+            samples: 0,
+            overloads: 0,
+            limited: false,
+        };
+        n.tokens = n.burst();
+        n
+    }
+
+    /// Logins per second admitted now.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    /// The node's unloaded login latency, once measured.
+    pub fn base_latency(&self) -> Option<Duration> {
+        self.base.map(Duration::from_secs_f64)
+    }
+
+    fn burst(&self) -> f64 {
+        (self.rate * BURST).max(1.0)
+    }
+
+    /// Adds the tokens accrued since the last call.
+    pub fn refill(&mut self, now: Instant) {
+        self.adjust(now);
+        let dt = now
+            .saturating_duration_since(self.last_refill)
+            .as_secs_f64();
+        self.last_refill = self.last_refill.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst());
+    }
+
+    /// Takes up to `want` whole tokens for waiting logins; returns how many.
+    /// Fewer than wanted means those logins wait for the rate.
+    pub fn take(&mut self, now: Instant, want: usize) -> usize {
+        self.refill(now);
+        let n = (self.tokens.floor().max(0.0) as usize).min(want);
+        self.tokens -= n as f64;
+        if n < want {
+            self.limited = true;
+        }
+        n
+    }
+
+    /// A login that does not wait (its user was not moved) uses a token
+    /// if one is there.
+    pub fn charge(&mut self, now: Instant) {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+        }
+    }
+
+    /// How long `queued` logins ahead plus this one wait at today's rate.
+    pub fn estimate(&self, queued: usize) -> Duration {
+        let ahead = (queued as f64 + 1.0 - self.tokens).max(0.0);
+        Duration::from_secs_f64(ahead / self.rate)
+    }
+
+    /// A login completed at the node in `latency`.
+    pub fn observe_latency(&mut self, now: Instant, latency: Duration) {
+        self.adjust(now);
+        self.sum += latency.as_secs_f64();
+        self.samples += 1;
+    }
+
+    /// The node refused a login as overloaded (or it timed out).
+    pub fn observe_overload(&mut self, now: Instant) {
+        self.adjust(now);
+        self.overloads += 1;
+    }
+
+    /// Revises the rate once per interval.
+    fn adjust(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.interval_start) < self.p.adjust_interval {
+            return;
+        }
+        let mean = (self.samples >= MIN_SAMPLES).then(|| self.sum / f64::from(self.samples));
+        if let Some(m) = mean {
+            self.base = Some(self.base.map_or(m, |b| b.min(m)));
+        }
+        let slow = match (mean, self.base) {
+            (Some(m), Some(b)) => m > b * self.p.latency_tolerance,
+            _ => false,
+        };
+        if (self.overloads > 0 || slow) && now >= self.calm_until {
+            // Back to what the node delivered (its completions in the
+            // interval), which under overload is what it can take.
+            let dt = now
+                .saturating_duration_since(self.interval_start)
+                .as_secs_f64()
+                .max(1e-3);
+            let delivered = f64::from(self.samples) / dt;
+            let cut = self.rate * DECREASE;
+            let to = if delivered > 0.0 {
+                cut.min(delivered * DELIVERED_SHARE)
+            } else {
+                cut
+            };
+            self.rate = to.max(self.p.min_rate);
+            self.threshold = self.rate;
+            // Logins admitted before the cut still report the overload for
+            // about one login latency.
+            let lat = mean.unwrap_or(0.0).min(10.0);
+            self.calm_until = now + Duration::from_secs_f64(lat) + self.p.adjust_interval;
+        } else if self.overloads == 0 && !slow && self.limited {
+            self.rate = if self.rate < self.threshold {
+                (self.rate * SLOW_START).min(self.threshold.max(self.rate + 1.0))
+            } else {
+                self.rate + (self.rate * ADDITIVE).max(1.0)
+            }
+            .min(self.p.max_rate);
+        } else if mean.is_none() && !self.limited {
+            // Idle: the next storm starts with a fresh probe upwards.
+            self.threshold = f64::INFINITY;
+        }
+        self.interval_start = now;
+        self.sum = 0.0;
+        self.samples = 0;
+        self.overloads = 0;
+        self.limited = false;
+    }
+}
+
+/// A moved user's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// Not before this.
+    pub at: Instant,
+}
+
+/// What the pacer decided for one login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Admitted after waiting this long (zero: at once).
+    Go(Duration),
+    /// Refused; the user's turn is this far off (and is now its slot).
+    Refuse(Duration),
+}
+
+/// Counters of the pacer, readable at any time.
+#[derive(Debug, Default)]
+pub struct PacerStats {
+    /// Logins admitted without waiting.
+    pub admitted: AtomicU64,
+    /// Logins held before being admitted.
+    pub held: AtomicU64,
+    /// Total hold time of admitted logins, in milliseconds.
+    pub held_ms: AtomicU64,
+    /// Logins refused with a fresh hint.
+    pub refused: AtomicU64,
+    /// Logins that completed (bind result), per node.
+    pub completed: [AtomicU64; 2],
+}
+
+/// One node's pacer and its waiting room.
+#[derive(Debug)]
+struct NodeGate {
+    state: Mutex<NodePacer>,
+    /// Tokens handed to waiting logins, in arrival order (tokio's
+    /// semaphore is fair).
+    tokens: Semaphore,
+    /// Logins waiting for a token now.
+    waiting: AtomicUsize,
+}
+
+/// How often the driver hands out accrued tokens.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Every node's pacer and every moved user's slot.
+#[derive(Debug)]
+pub struct Pacer {
+    nodes: Vec<NodeGate>,
+    slots: DashMap<String, Slot>,
+    slot_grace: Duration,
+    /// Counters.
+    pub stats: PacerStats,
+}
+
+/// Decrements a gate's waiting count when a waiting login ends, however.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pacer {
+    /// A pacer for `n_nodes` nodes (at least one).
+    pub fn new(cfg: &FailoverConfig, n_nodes: usize) -> Pacer {
+        let p = PacerParams::from(cfg);
+        let now = Instant::now();
+        Pacer {
+            nodes: (0..n_nodes.max(1))
+                .map(|_| NodeGate {
+                    state: Mutex::new(NodePacer::new(p, now)),
+                    tokens: Semaphore::new(0),
+                    waiting: AtomicUsize::new(0),
+                })
+                .collect(),
+            slots: DashMap::new(),
+            slot_grace: cfg.slot_grace,
+            stats: PacerStats::default(),
+        }
+    }
+
+    fn gate(&self, n: NodeId) -> &NodeGate {
+        &self.nodes[n.index().min(self.nodes.len() - 1)]
+    }
+
+    fn state(&self, n: NodeId) -> std::sync::MutexGuard<'_, NodePacer> {
+        self.gate(n).state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The rate the pacer admits at `node` now.
+    pub fn rate(&self, node: NodeId) -> f64 {
+        self.state(node).rate()
+    }
+
+    /// Logins waiting for a token at `node` now.
+    pub fn waiting(&self, node: NodeId) -> usize {
+        self.gate(node).waiting.load(Ordering::Relaxed)
+    }
+
+    /// Remembers a moved user's turn (replacing an earlier one).
+    pub fn remember(&self, user: &str, at: Instant) {
+        self.slots.insert(user.to_owned(), Slot { at });
+    }
+
+    /// The user's remembered turn, if any and not expired.
+    pub fn slot(&self, user: &str, now: Instant) -> Option<Slot> {
+        let s = *self.slots.get(user)?;
+        if s.at + self.slot_grace < now {
+            self.slots.remove(user);
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Slots remembered now.
+    pub fn pending_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Forgets slots whose time passed more than the grace ago.
+    pub fn expire(&self, now: Instant) {
+        let grace = self.slot_grace;
+        self.slots.retain(|_, s| s.at + grace >= now);
+    }
+
+    /// Hands the tokens accrued at every node to its waiting logins. The
+    /// driver calls this every [`TICK`].
+    pub fn tick(&self, now: Instant) {
+        for g in &self.nodes {
+            let want = g
+                .waiting
+                .load(Ordering::Relaxed)
+                .saturating_sub(g.tokens.available_permits());
+            let mut st = g.state.lock().unwrap_or_else(|p| p.into_inner());
+            let n = st.take(now, want);
+            drop(st);
+            if n > 0 {
+                g.tokens.add_permits(n);
+            }
+        }
+    }
+
+    /// Runs the token driver until dropped.
+    pub async fn drive(&self) {
+        let mut t = tokio::time::interval(TICK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            t.tick().await;
+            self.tick(Instant::now());
+        }
+    }
+
+    /// Admits a login of `user` to `node`: at once, after a wait of at most
+    /// `max_wait`, or refused with the time its user should come back.
+    pub async fn admit(&self, user: &str, node: NodeId, max_wait: Duration) -> Pace {
+        let start = Instant::now();
+        let Some(slot) = self.slot(user, start) else {
+            self.state(node).charge(start);
+            self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+            return Pace::Go(Duration::ZERO);
+        };
+        let g = self.gate(node);
+        let early = slot.at.saturating_duration_since(start);
+        let queue = {
+            let st = self.state(node);
+            st.estimate(g.waiting.load(Ordering::Relaxed))
+        };
+        if early + queue > max_wait {
+            return self.refuse(user, start, early.max(queue));
+        }
+        if !early.is_zero() {
+            tokio::time::sleep_until(slot.at).await;
+        }
+        g.waiting.fetch_add(1, Ordering::Relaxed);
+        let _w = Waiting(&g.waiting);
+        let left = max_wait.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, g.tokens.acquire()).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                let waited = start.elapsed();
+                if waited.is_zero() {
+                    self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.stats.held.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .held_ms
+                        .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+                }
+                Pace::Go(waited)
+            }
+            // Timed out (the rate fell meanwhile), or the semaphore closed.
+            _ => {
+                let now = Instant::now();
+                let again = self.state(node).estimate(g.waiting.load(Ordering::Relaxed));
+                self.refuse(user, now, again.max(TICK))
+            }
+        }
+    }
+
+    fn refuse(&self, user: &str, now: Instant, after: Duration) -> Pace {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.remember(user, now + after);
+        Pace::Refuse(after)
+    }
+
+    /// `user` is logged in again on `node`, `latency` after its `<auth>`
+    /// was forwarded: its slot is spent, and the latency feeds the rate.
+    pub fn logged_in(&self, user: &str, node: NodeId, latency: Duration) {
+        self.slots.remove(user);
+        if let Some(c) = self.stats.completed.get(node.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.state(node).observe_latency(Instant::now(), latency);
+    }
+
+    /// `node` refused a login as overloaded.
+    pub fn overloaded(&self, node: NodeId) {
+        self.state(node).observe_overload(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    fn params() -> PacerParams {
+        PacerParams {
+            initial_rate: 10.0,
+            min_rate: 1.0,
+            max_rate: 1000.0,
+            latency_tolerance: 3.0,
+            adjust_interval: Duration::from_millis(500),
+        }
+    }
+
+    fn config() -> FailoverConfig {
+        FailoverConfig {
+            initial_rate: 10.0,
+            min_rate: 1.0,
+            ..FailoverConfig::default()
+        }
+    }
+
+    const HOLD: Duration = Duration::from_secs(20);
+    const U: &str = "alice@example.com";
+
+    fn pacer() -> Arc<Pacer> {
+        let p = Arc::new(Pacer::new(&config(), 2));
+        let d = p.clone();
+        tokio::spawn(async move { d.drive().await });
+        p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn users_not_moved_are_never_held() {
+        let p = pacer();
+        for i in 0..1000 {
+            let who = format!("user{i}@example.com");
+            assert_eq!(
+                p.admit(&who, NodeId::Node2, HOLD).await,
+                Pace::Go(Duration::ZERO)
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_login_is_held_until_its_slot_then_admitted() {
+        let p = pacer();
+        let t0 = Instant::now();
+        p.remember(U, t0 + Duration::from_secs(5));
+        let Pace::Go(waited) = p.admit(U, NodeId::Node2, HOLD).await else {
+            panic!("a login 5 s early must be held, not refused");
+        };
+        assert!(waited >= Duration::from_secs(5), "{waited:?}");
+        assert!(waited < Duration::from_secs(5) + 10 * TICK, "{waited:?}");
+        assert_eq!(p.stats.held.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_far_off_login_is_refused_with_its_turn_and_admitted_at_it() {
+        let p = pacer();
+        let t0 = Instant::now();
+        p.remember(U, t0 + Duration::from_secs(100));
+        assert_eq!(
+            p.admit(U, NodeId::Node2, HOLD).await,
+            Pace::Refuse(Duration::from_secs(100))
+        );
+        // Coming back at once: refused again, with the time left.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(
+            p.admit(U, NodeId::Node2, HOLD).await,
+            Pace::Refuse(Duration::from_secs(70))
+        );
+        // At its turn it goes in.
+        tokio::time::advance(Duration::from_secs(70)).await;
+        assert!(matches!(p.admit(U, NodeId::Node2, HOLD).await, Pace::Go(_)));
+        assert_eq!(p.stats.refused.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_is_admitted_at_the_rate_in_arrival_order() {
+        let p = pacer();
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let who = format!("user{i}@example.com");
+            p.remember(&who, t0);
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = p.admit(&who, NodeId::Node2, Duration::from_secs(60)).await;
+                (i, r, Instant::now())
+            }));
+            tokio::task::yield_now().await;
+        }
+        let mut admitted = Vec::new();
+        for t in tasks {
+            let (i, r, at) = t.await.unwrap();
+            assert!(matches!(r, Pace::Go(_)), "login {i}: {r:?}");
+            admitted.push(at - t0);
+        }
+        // Without a latency signal the rate only grows (slow start), so
+        // 50 logins take no more than 50 / 10 s, and are never bunched
+        // beyond the burst: at most one token per tick at 10/s.
+        let last = admitted.iter().max().copied().unwrap_or_default();
+        assert!(last <= Duration::from_secs(5), "{last:?}");
+        assert!(last >= Duration::from_secs(1), "{last:?}: not paced at all");
+        assert!(
+            admitted.windows(2).all(|w| w[0] <= w[1]),
+            "out of order: {admitted:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_longer_than_the_hold_is_refused_with_its_wait() {
+        let p = pacer();
+        let t0 = Instant::now();
+        let mut refused = Vec::new();
+        let mut tasks = Vec::new();
+        for i in 0..300 {
+            let who = format!("user{i}@example.com");
+            p.remember(&who, t0);
+            let pc = p.clone();
+            tasks.push(tokio::spawn(async move {
+                pc.admit(&who, NodeId::Node2, Duration::from_secs(2)).await
+            }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            if let Pace::Refuse(d) = t.await.unwrap() {
+                refused.push(d);
+            }
+        }
+        // About 2 s at 10/s get in; the rest learn when to come back.
+        assert!(refused.len() > 250, "{} refused", refused.len());
+        assert!(refused.iter().all(|d| *d > Duration::from_secs(2)));
+    }
+
+    /// A node of capacity `cap` logins/s: latency `base` below it, growing
+    /// with the backlog above it.
+    struct Node {
+        cap: f64,
+        base: f64,
+        free_at: f64,
+    }
+
+    impl Node {
+        fn login(&mut self, at: f64) -> f64 {
+            let start = at.max(self.free_at);
+            self.free_at = start + 1.0 / self.cap;
+            (start - at) + self.base
+        }
+    }
+
+    /// The rate converges near a capacity the pacer is never told, and
+    /// everyone is in after about N / C.
+    #[test]
+    fn the_rate_converges_near_an_unknown_node_capacity() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(params(), t0);
+        let mut node = Node {
+            cap: 200.0,
+            base: 0.05,
+            free_at: 0.0,
+        };
+        let n = 6_000usize;
+        let mut admitted = 0;
+        let mut done: VecDeque<(f64, f64)> = VecDeque::new();
+        let mut slow = 0;
+        let tick = TICK.as_secs_f64();
+        let mut t = 0.0;
+        while admitted < n && t < 600.0 {
+            let now = t0 + Duration::from_secs_f64(t);
+            while done.front().is_some_and(|(at, _)| *at <= t) {
+                let (at, lat) = done.pop_front().unwrap_or_default();
+                p.observe_latency(
+                    t0 + Duration::from_secs_f64(at),
+                    Duration::from_secs_f64(lat),
+                );
+            }
+            let k = p.take(now, n - admitted);
+            for _ in 0..k {
+                let lat = node.login(t);
+                if lat > 10.0 * node.base {
+                    slow += 1;
+                }
+                done.push_back((t + lat, lat));
+                admitted += 1;
+            }
+            t += tick;
+        }
+        let ideal = n as f64 / node.cap;
+        assert_eq!(admitted, n);
+        // Starting 20x below the capacity, the probe upwards and the first
+        // overshoot cost a few seconds; then the rate saws around C.
+        assert!(t < 1.2 * ideal, "took {t:.1} s, N / C is {ideal:.1} s");
+        assert!(
+            slow < n / 10,
+            "{slow} logins took over 10x the unloaded latency"
+        );
+        assert!(p.rate() > 120.0 && p.rate() < 300.0, "rate {}", p.rate());
+    }
+
+    #[test]
+    fn overload_lowers_the_rate_but_not_below_the_floor() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(params(), t0);
+        for i in 1..100 {
+            p.observe_overload(t0 + Duration::from_millis(500 * i));
+        }
+        p.refill(t0 + Duration::from_secs(60));
+        assert_eq!(p.rate(), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_forgotten_after_their_grace() {
+        let cfg = FailoverConfig {
+            slot_grace: Duration::from_secs(10),
+            ..FailoverConfig::default()
+        };
+        let pacer = Pacer::new(&cfg, 2);
+        let now = Instant::now();
+        pacer.remember(U, now + Duration::from_secs(5));
+        assert!(pacer.slot(U, now).is_some());
+        assert!(pacer.slot(U, now + Duration::from_secs(15)).is_some());
+        assert!(pacer.slot(U, now + Duration::from_secs(16)).is_none());
+        pacer.remember("bob@example.com", now);
+        pacer.expire(now + Duration::from_secs(11));
+        assert_eq!(pacer.pending_slots(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_login_spends_the_slot() {
+        let pacer = Pacer::new(&FailoverConfig::default(), 2);
+        pacer.remember(U, Instant::now());
+        pacer.logged_in(U, NodeId::Node2, Duration::from_millis(40));
+        assert_eq!(pacer.pending_slots(), 0);
+    }
+}
