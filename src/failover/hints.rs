@@ -100,15 +100,27 @@ pub struct Relogin {
 }
 
 impl Relogin {
-    /// The `<relogin/>` element (whole seconds, `after` rounded up so that a
-    /// client honouring it is never early).
+    /// The `<relogin/>` element. Times are in seconds: whole seconds
+    /// (`after` and `max` rounded up, so that a client honouring the hint
+    /// is never early) when the window reaches [`WHOLE_SECONDS`], with
+    /// milliseconds below it, where whole seconds would bunch the slots.
     pub fn element(&self) -> String {
-        let up = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        let (after, min, max) = if self.max >= WHOLE_SECONDS {
+            (
+                ceil_secs(self.after).to_string(),
+                self.min.as_secs().to_string(),
+                ceil_secs(self.max).to_string(),
+            )
+        } else {
+            let ms = |d: Duration| format!("{:.3}", d.as_millis() as f64 / 1000.0);
+            (
+                ms(self.after + Duration::from_nanos(999_999)),
+                ms(self.min),
+                ms(self.max),
+            )
+        };
         format!(
-            "<relogin xmlns='{NS_RELOGIN}' after='{}' min='{}' max='{}' reason='{}'/>",
-            up(self.after),
-            self.min.as_secs(),
-            up(self.max),
+            "<relogin xmlns='{NS_RELOGIN}' after='{after}' min='{min}' max='{max}' reason='{}'/>",
             self.why
         )
     }
@@ -116,8 +128,7 @@ impl Relogin {
     /// A stream error with `condition`, `text` (to which "; reconnect in N
     /// s" is added) and the hint.
     pub fn stream_error(&self, condition: &str, text: &str) -> String {
-        let up = self.after.as_secs() + u64::from(self.after.subsec_nanos() > 0);
-        let text = format!("{text}; reconnect in {up} s");
+        let text = format!("{text}; reconnect in {} s", ceil_secs(self.after));
         stream::stream_error(condition, Some(&text), Some(&self.element()))
     }
 
@@ -125,6 +136,13 @@ impl Relogin {
     pub fn sasl_failure(&self, condition: &str, text: &str) -> String {
         stream::sasl_failure_with(condition, Some(text), Some(&self.element()))
     }
+}
+
+/// Windows at least this long are given in whole seconds.
+pub const WHOLE_SECONDS: Duration = Duration::from_secs(60);
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Slots handed out one at a time over a window, stratified for an
@@ -378,6 +396,17 @@ mod tests {
             "{e}"
         );
         assert!(e.ends_with("</stream:error></stream:stream>"), "{e}");
+        // A short window keeps its milliseconds.
+        let short = Relogin {
+            after: Duration::from_micros(1_234_500),
+            min: Duration::ZERO,
+            max: Duration::from_secs(3),
+            why: Why::NodeLost,
+        };
+        assert_eq!(
+            short.element(),
+            "<relogin xmlns='urn:x-prg-proxy:relogin:0' after='1.235' min='0.000' max='3.000' reason='node-lost'/>"
+        );
     }
 
     #[tokio::test(start_paused = true)]

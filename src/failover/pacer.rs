@@ -407,22 +407,17 @@ impl Pacer {
         if !early.is_zero() {
             tokio::time::sleep_until(slot.at).await;
         }
+        // Nobody waiting and a token at hand: in at once.
+        if g.waiting.load(Ordering::Relaxed) == 0 && self.state(node).take(Instant::now(), 1) == 1 {
+            return self.admitted(start, !early.is_zero());
+        }
         g.waiting.fetch_add(1, Ordering::Relaxed);
         let _w = Waiting(&g.waiting);
         let left = max_wait.saturating_sub(start.elapsed());
         match tokio::time::timeout(left, g.tokens.acquire()).await {
             Ok(Ok(permit)) => {
                 permit.forget();
-                let waited = start.elapsed();
-                if waited.is_zero() {
-                    self.stats.admitted.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.stats.held.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .held_ms
-                        .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
-                }
-                Pace::Go(waited)
+                self.admitted(start, true)
             }
             // Timed out (the rate fell meanwhile), or the semaphore closed.
             _ => {
@@ -431,6 +426,20 @@ impl Pacer {
                 self.refuse(user, now, again.max(TICK))
             }
         }
+    }
+
+    /// Counts an admitted login; `held`: it waited for its slot or a token.
+    fn admitted(&self, start: Instant, held: bool) -> Pace {
+        let waited = start.elapsed();
+        if !held {
+            self.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.held.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .held_ms
+                .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+        }
+        Pace::Go(waited)
     }
 
     fn refuse(&self, user: &str, now: Instant, after: Duration) -> Pace {
