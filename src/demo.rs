@@ -6,6 +6,7 @@
 //! certificates are generated on the fly.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -344,6 +345,8 @@ initial_heartbeat_timeout = "5s"
     ));
     clients.push(("alice", alice));
 
+    storm(&client_tls, &cert, &key).await?;
+
     step("graceful shutdown");
     let _ = stop_tx.send(());
     for (user, c) in clients.iter_mut() {
@@ -405,4 +408,191 @@ fn bound_on(shared: &ProxyView, bare: &str) -> &'static str {
         .lookup(bare)
         .and_then(|u| u.sessions.first().map(|s| s.node))
         .map_or("?", |n| ["imp1", "imp2"][n.index()])
+}
+
+/// Users in the storm step.
+const STORM_USERS: usize = 300;
+/// The backup node's login capacity in the storm step (logins per second;
+/// the proxy is not told).
+const STORM_CAPACITY: f64 = 100.0;
+
+/// A second pair, whose backup node saturates like a real one: a failover
+/// of `STORM_USERS` users with hints in the adaptive window, 70 % of the
+/// clients honouring their hint and 30 % coming straight back, and the
+/// re-login curve at the backup against the plan.
+async fn storm(
+    client_tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(), String> {
+    use crate::sim::{LoginCapacity, ReconnectPolicy};
+    use std::sync::atomic::Ordering::Relaxed;
+    step(&format!(
+        "a failover storm: {STORM_USERS} users, a backup that takes {STORM_CAPACITY:.0} logins/s"
+    ));
+    let users: Vec<(String, String)> = (0..STORM_USERS)
+        .map(|i| (format!("user{i:03}"), "pw".to_string()))
+        .collect();
+    let mut c2 = SimNodeConfig::new("imp2", DOMAIN, users.clone());
+    c2.login_capacity = Some(LoginCapacity::per_second(STORM_CAPACITY));
+    c2.roster = crate::sim::Roster::Empty;
+    let mut c1 = SimNodeConfig::new("imp1", DOMAIN, users);
+    c1.roster = crate::sim::Roster::Empty;
+    let pair = SimPair::start(c1, c2)
+        .await
+        .map_err(|x| format!("simulated nodes: {x}"))?;
+    let text = format!(
+        r#"
+[group]
+name = "storm"
+assignment = "active-standby"
+high_availability = true
+domains = ["{DOMAIN}"]
+
+[[nodes]]
+name = "imp1"
+address = "{n1}"
+
+[[nodes]]
+name = "imp2"
+address = "{n2}"
+
+[listen]
+starttls = "127.0.0.1:0"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+
+[srm]
+heartbeat_interval = "500ms"
+heartbeat_timeout = "3s"
+initial_heartbeat_timeout = "5s"
+"#,
+        n1 = pair.nodes[0].addr(),
+        n2 = pair.nodes[1].addr(),
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let config = Config::parse(&text).map_err(|x| format!("config: {x}"))?;
+    let proxy = Proxy::bind(config)
+        .await
+        .map_err(|x| format!("proxy: {x}"))?;
+    let addr = proxy.starttls_addr().ok_or("no STARTTLS listener")?;
+    let view = proxy.view();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let mut status = view.group.subscribe();
+    wait_status(&mut status, |s| both(s, NodeState::Normal)).await?;
+    let tls = ClientTls::StartTls {
+        config: client_tls.clone(),
+        server_name: DOMAIN.into(),
+    };
+    let login = move |user: String, tls: ClientTls| async move {
+        let mut c = SimClient::connect(addr, DOMAIN, tls)
+            .await
+            .map_err(|x| format!("{user}: {x}"))?;
+        c.login(&user, "pw", "PLAIN")
+            .await
+            .map_err(|x| format!("{user}: {x}"))?;
+        c.bind("desk").await.map_err(|x| format!("{user}: {x}"))?;
+        Ok::<_, String>(c)
+    };
+    let mut clients = Vec::new();
+    for i in 0..STORM_USERS {
+        clients.push(login(format!("user{i:03}"), tls.clone()).await?);
+    }
+    say(format!(
+        "{} users logged in on imp1; the administrator fails imp1 over",
+        pair.nodes[0].session_count()
+    ));
+    view.group
+        .failover(NodeId::Node1)
+        .await
+        .map_err(|x| format!("failover: {x}"))?;
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    let mut window = None;
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let hint = match c.wait_for(WAIT, |_| false).await {
+            Err(err) => err.relogin(),
+            Ok(_) => None,
+        };
+        if window.is_none() {
+            window = hint.as_ref().map(|h| (h.min, h.max));
+        }
+        // 70 % read the hint; the others come straight back.
+        let policy = if i % 10 < 7 {
+            ReconnectPolicy::Honour
+        } else {
+            ReconnectPolicy::Immediate
+        };
+        let delay = policy.delay(hint.as_ref(), &mut rand::thread_rng());
+        let (user, tls) = (format!("user{i:03}"), tls.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // A refused login comes back when its fresh hint says.
+            for _ in 0..10 {
+                match login(user.clone(), tls.clone()).await {
+                    Ok(c) => return Some((t0.elapsed(), c)),
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+            None
+        }));
+    }
+    let evicted = t0.elapsed();
+    let (lo, hi) = window.unwrap_or_default();
+    say(format!(
+        "every stream closed in {evicted:.2?}, each with a hint in [{:.1} s, {:.1} s] (adaptive window: N / the pacer's rate)",
+        lo.as_secs_f64(),
+        hi.as_secs_f64()
+    ));
+    let mut back = Vec::new();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        if let Ok(Some((at, c))) = t.await {
+            back.push(at);
+            sessions.push(c);
+        }
+    }
+    let last = back.iter().max().copied().unwrap_or_default();
+    let secs = last.as_secs() as usize + 1;
+    let mut per_second = vec![0usize; secs];
+    for b in &back {
+        per_second[b.as_secs() as usize] += 1;
+    }
+    let planned = STORM_USERS as f64 / hi.as_secs_f64().max(1.0);
+    say("re-logins at imp2 per second (# = 5 logins; | = the planned rate)");
+    for (s, n) in per_second.iter().enumerate() {
+        let bar = "#".repeat(n.div_ceil(5));
+        let mark = (planned / 5.0).round() as usize;
+        let mut line: Vec<char> = format!("{bar:<width$}", width = mark.max(bar.len()) + 1)
+            .chars()
+            .collect();
+        if mark < line.len() && line[mark] == ' ' {
+            line[mark] = '|';
+        }
+        say(format!(
+            "{s:>3} s {:>4}  {}",
+            n,
+            line.into_iter().collect::<String>()
+        ));
+    }
+    let stats = &view.hints.pacer().stats;
+    say(format!(
+        "{} of {STORM_USERS} back in {last:.1?}; planned {planned:.0}/s, pacer now at {:.0}/s; held {} (mean {} ms), refused {}; logins the node failed for overload: {}",
+        back.len(),
+        view.hints.pacer().rate(NodeId::Node2),
+        stats.held.load(Relaxed),
+        stats.held_ms.load(Relaxed) / stats.held.load(Relaxed).max(1),
+        stats.refused.load(Relaxed),
+        pair.nodes[1].logins_overloaded()
+    ));
+    drop(sessions);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(WAIT, task).await;
+    Ok(())
 }
