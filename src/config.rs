@@ -431,6 +431,15 @@ pub struct FailoverConfig {
     /// Window over which a proxy shutdown spreads its re-login hints.
     #[serde(with = "humantime_serde")]
     pub shutdown_spread: Duration,
+    /// A refused login waits this long (at most its remaining pre-auth
+    /// time) before its `<resource-constraint/>`, so that clients which
+    /// retry at once do not loop.
+    #[serde(with = "humantime_serde")]
+    pub refuse_delay: Duration,
+    /// The proxy's client-facing `host:port`: when set, evicted streams end
+    /// with `<see-other-host>` naming it, which clients that do not reconnect
+    /// after other stream errors follow by themselves.
+    pub redirect: Option<String>,
 }
 
 impl Default for FailoverConfig {
@@ -445,6 +454,8 @@ impl Default for FailoverConfig {
             adjust_interval: Duration::from_millis(500),
             slot_grace: Duration::from_secs(600),
             shutdown_spread: Duration::from_secs(30),
+            refuse_delay: Duration::from_secs(5),
+            redirect: None,
         }
     }
 }
@@ -481,6 +492,19 @@ impl FailoverConfig {
                 "failover.latency_tolerance",
                 "must be a number greater than 1",
             ));
+        }
+        if let Some(r) = &self.redirect {
+            let ok = r.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty()
+                    && !h.contains(['<', '>', '&', '\'', '"', ' '])
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(ConfigError::new(
+                    "failover.redirect",
+                    "must be the proxy's client-facing host:port, e.g. \"xmpp.example.com:5222\"",
+                ));
+            }
         }
         for (k, d) in [
             ("max_hold", self.max_hold),

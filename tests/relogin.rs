@@ -174,23 +174,33 @@ async fn a_client_that_ignores_its_hint_is_held_until_its_slot() {
     g.stop().await;
 }
 
-/// A login whose slot is further off than `max_hold` is refused with
-/// SASL <temporary-auth-failure/> and a fresh hint naming the time left;
-/// a user whose node was not hit logs in at once meanwhile.
+/// A login whose slot is further off than `max_hold` is refused, after
+/// `refuse_delay`, with <resource-constraint/> and a fresh hint naming the
+/// time left; a user whose node was not hit logs in at once meanwhile.
 #[tokio::test]
 async fn a_far_off_login_is_refused_with_a_fresh_hint_and_others_are_not_held() {
-    let mut g = group(2, ("30s", "40s"), "window = \"fixed\"\nmax_hold = \"1s\"").await;
+    let mut g = group(
+        2,
+        ("30s", "40s"),
+        "window = \"fixed\"\nmax_hold = \"1s\"\nrefuse_delay = \"300ms\"",
+    )
+    .await;
     let mut c = try_login(&g, "u00").await.unwrap();
     g.view.group.failover(N1).await.unwrap();
     let (e, _) = evicted(&mut c).await;
     let first = hint_of(&e);
+    let t0 = Instant::now();
     let Err(err) = try_login(&g, "u00").await else {
         panic!("a login 30 s before its slot must be refused");
     };
-    let ClientError::SaslFailure { condition, .. } = &err else {
+    let ClientError::StreamError { condition, .. } = &err else {
         panic!("{err:?}");
     };
-    assert_eq!(condition, "temporary-auth-failure");
+    assert_eq!(condition, "resource-constraint");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "told before refuse_delay"
+    );
     let fresh = hint_of(&err);
     assert_eq!(fresh.reason, "paced");
     assert!(fresh.after <= first.after && fresh.after >= first.after - Duration::from_secs(2));

@@ -593,12 +593,14 @@ impl ClientConnection {
         };
         match decision {
             Admit::Go => Ok(Admitted { routed }),
-            Admit::Refuse(failure) => {
+            Admit::Refuse(xml) => {
                 info!(user = %routed.id.bare, node = %self.ctx.nodes.name(routed.target), "login refused by the pacer");
-                match self.send(&mut o.client, failure.as_bytes()).await {
-                    Ok(()) => Err(Refused::Retry),
-                    Err(end) => Err(end.into()),
-                }
+                let _ = self.send_error(&mut o.client, &xml).await;
+                Err(End::Error(ConnError::Protocol(
+                    Side::Proxy,
+                    "login refused by the pacer".into(),
+                ))
+                .into())
             }
         }
     }

@@ -3,9 +3,10 @@
 //!
 //! The login [`Pacer`] decides: a login is admitted at once, **held**
 //! (the client waits inside SASL, no node connection is open) until its
-//! user's turn or the node's next free admission, or **refused** with a
-//! SASL `<temporary-auth-failure/>` carrying a fresh re-login hint when
-//! that turn is further off than `failover.max_hold`.
+//! user's turn or the node's next free admission, or **refused** when that
+//! turn is further off than `failover.max_hold`: after
+//! `failover.refuse_delay`, the stream ends with `<resource-constraint/>`
+//! and a fresh re-login hint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,10 @@ pub struct Login<'a> {
 pub enum Admit {
     /// Open the node connection now.
     Go,
-    /// Refuse the login with this serialised SASL `<failure/>`; the client
-    /// may try again.
+    /// Refuse the login: close the stream with this serialised stream
+    /// error (`<resource-constraint/>` and a fresh hint). Real clients take
+    /// it as "try again later" without asking their user for a password,
+    /// which they do after a SASL `<temporary-auth-failure/>`.
     Refuse(String),
 }
 
@@ -74,9 +77,13 @@ impl Admission {
                 Admit::Go
             }
             Pace::Refuse(after) => {
-                let hint = self.hints.paced(login.target, after);
-                Admit::Refuse(hint.sasl_failure(
-                    "temporary-auth-failure",
+                // Clients retry a refused login at once: told later, they
+                // come back at most once per delay.
+                let delay = self.hints.refuse_delay().min(max_wait);
+                tokio::time::sleep(delay).await;
+                let hint = self.hints.paced(login.target, after.saturating_sub(delay));
+                Admit::Refuse(hint.stream_error(
+                    "resource-constraint",
                     "the node is taking users back at a paced rate; try again at the time given",
                 ))
             }

@@ -164,7 +164,7 @@ fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
     let hints = ctx.hints.plan_move(&users, m.to, m.users_of, why);
     let xml: Vec<String> = hints
         .iter()
-        .map(|h| h.stream_error("system-shutdown", &text))
+        .map(|h| ctx.hints.eviction(h, "system-shutdown", &text))
         .collect();
     let mut n = 0;
     for (i, h) in conns {

@@ -132,9 +132,18 @@ impl Relogin {
         stream::stream_error(condition, Some(&text), Some(&self.element()))
     }
 
-    /// A SASL failure with `condition`, `text` and the hint.
-    pub fn sasl_failure(&self, condition: &str, text: &str) -> String {
-        stream::sasl_failure_with(condition, Some(text), Some(&self.element()))
+    /// A `<see-other-host>` stream error naming `host` (`host:port`), with
+    /// `text` and the hint.
+    pub fn redirect(&self, host: &str, text: &str) -> String {
+        let text = format!("{text}; reconnect in {} s", ceil_secs(self.after));
+        format!(
+            "<stream:error><see-other-host xmlns='{ns}'>{host}</see-other-host>\
+             <text xmlns='{ns}' xml:lang='en'>{text}</text>{hint}</stream:error></stream:stream>",
+            ns = stream::NS_STREAMS,
+            host = quick_xml::escape::escape(host),
+            text = quick_xml::escape::escape(text.as_str()),
+            hint = self.element()
+        )
     }
 }
 
@@ -238,6 +247,20 @@ impl Hints {
         }
     }
 
+    /// How a stream that a move ends is closed: `<see-other-host>` naming
+    /// the proxy when `failover.redirect` is set, else `condition`.
+    pub fn eviction(&self, h: &Relogin, condition: &str, text: &str) -> String {
+        match &self.cfg.redirect {
+            Some(host) => h.redirect(host, text),
+            None => h.stream_error(condition, text),
+        }
+    }
+
+    /// How long a refused login waits before it is told.
+    pub fn refuse_delay(&self) -> Duration {
+        self.cfg.refuse_delay
+    }
+
     /// The pacer the slots go to.
     pub fn pacer(&self) -> &Arc<Pacer> {
         &self.pacer
@@ -327,7 +350,8 @@ impl Hints {
             max: w.upper,
             why: Why::NodeLost,
         };
-        hint.stream_error(
+        self.eviction(
+            &hint,
             "remote-connection-failed",
             &format!("the connection to node {} was lost", self.name(node)),
         )
@@ -350,13 +374,13 @@ impl Hints {
         };
         let (after, w) = spread.next(now);
         self.stats.issued.fetch_add(1, Ordering::Relaxed);
-        Relogin {
+        let hint = Relogin {
             after,
             min: w.lower,
             max: w.upper,
             why: Why::Shutdown,
-        }
-        .stream_error("system-shutdown", "the proxy is shutting down")
+        };
+        self.eviction(&hint, "system-shutdown", "the proxy is shutting down")
     }
 
     /// A fresh hint for a login the pacer refused: come back `after` from
@@ -396,6 +420,12 @@ mod tests {
             "{e}"
         );
         assert!(e.ends_with("</stream:error></stream:stream>"), "{e}");
+        let r = h.redirect("xmpp.example.com:5222", "node imp1 failed over");
+        assert!(
+            r.starts_with("<stream:error><see-other-host xmlns='urn:ietf:params:xml:ns:xmpp-streams'>xmpp.example.com:5222</see-other-host>"),
+            "{r}"
+        );
+        assert!(r.contains(&h.element()), "{r}");
         // A short window keeps its milliseconds.
         let short = Relogin {
             after: Duration::from_micros(1_234_500),
