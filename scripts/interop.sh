@@ -219,6 +219,9 @@ EOF
     fi
 }
 
+# Users of the re-login phase (slixmpp clients moved by a crash).
+RELOGIN_USERS="u00 u01 u02 u03 u04 u05 u06 u07"
+
 start_prosody() {
     local name=$1 port=$2 dir="$TMP/$1"
     mkdir -p "$dir/data" "$dir/certs"
@@ -227,7 +230,7 @@ start_prosody() {
         "$HERE/prosody.cfg.lua.in" >"$dir/prosody.cfg.lua"
     chown -R prosody: "$dir"
     local u
-    for u in alice bob carol; do
+    for u in alice bob carol $RELOGIN_USERS; do
         prosodyctl --config "$dir/prosody.cfg.lua" register "$u" example.com pw >>"$dir/stderr.log" 2>&1 ||
             die "prosodyctl register $u on $name failed (see $dir/stderr.log)"
     done
@@ -270,6 +273,7 @@ address = "127.0.0.1:$n1"
 [[nodes]]
 name = "prosody2"
 address = "127.0.0.1:$n2"
+${NODE2_EXTRA:-}
 
 [listen]
 starttls = "127.0.0.1:$starttls"
@@ -284,6 +288,7 @@ key = "$KEY"
 heartbeat_interval = "1s"
 heartbeat_timeout = "5s"
 initial_heartbeat_timeout = "10s"
+${PROXY_EXTRA:-}
 EOF
 }
 
@@ -429,10 +434,27 @@ restart_node1_and_proxy() {
     "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 60 ||
         die "prg-proxy offers no SASL mechanisms after the restart"
 }
+# Re-login: slixmpp applications that reconnect when disconnected (slixmpp
+# itself does not) are relayed to node 1, which is SIGKILLed. Each must get
+# a stream error with a re-login hint in prosody2's window (fixed, 2-8 s),
+# come back at once by its own logic, be held by the pacer until its slot,
+# and get in to prosody2.
+relogin_phase() {
+    set +e
+    "$PY" "$HERE/relogin.py" --port "$STARTTLS_PORT" --domain example.com \
+        ${CA:+--ca "$CA"} --timeout "$CHECK_TIMEOUT" --users $RELOGIN_USERS \
+        --node1-pidfile "$TMP/node1/prosody.pid" --node2-log "$TMP/node2/prosody.log" |
+        tee -a "$OUT"
+    set -e
+}
 if [ "$MODE" = proxy ]; then
     failover_phase KILL "$TMP/proxy.log"
     restart_node1_and_proxy
     failover_phase STOP "$TMP/proxy2.log"
+    NODE2_EXTRA=$'relogin_lower = "2s"\nrelogin_upper = "8s"'
+    PROXY_EXTRA=$'\n[failover]\nwindow = "fixed"'
+    restart_node1_and_proxy
+    relogin_phase
 fi
 
 PASSED=$(grep -c '^PASS ' "$OUT" || true)
