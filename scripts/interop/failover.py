@@ -83,6 +83,13 @@ async def run(opts):
         print("interop: SIG%s of prosody1 detected in %.3f s" % (opts.signal, detected), flush=True)
         report("%s-node1-peer-down-row" % kind, True)
 
+    # A crash (connections reset, connect refused) is seen by the fast path,
+    # not at the heartbeat timeout; a hang only by the heartbeats.
+    if sig == signal.SIGKILL:
+        with open(opts.proxy_log, encoding="utf-8", errors="replace") as f:
+            fast = "a fresh connect is refused: node down" in f.read()
+        report("kill-detected-by-the-fast-path", fast, "moved only at the heartbeat timeout")
+
     # The relayed user was told and disconnected.
     try:
         got = await asyncio.wait_for(alice.read_all(), opts.timeout)

@@ -22,7 +22,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
@@ -42,6 +42,14 @@ use crate::node::PAIR;
 use crate::route::Routing;
 use crate::tracker::Tracker;
 use crate::upstream::{Mechanisms, Nodes};
+
+/// Pauses before each confirming connect after relay failures: at once,
+/// then twice more shortly after (a dying node's kernel may still accept).
+const CONFIRM_RETRIES: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+];
 
 /// Reports from the probe tasks waiting for the monitor. Probes are paced by
 /// the heartbeat interval, so a few per node is plenty.
@@ -379,11 +387,21 @@ impl Monitor {
         tokio::spawn(
             async move {
                 let timeout = probes.config.srm.effective_probe_timeout();
-                let (refused, detail) =
-                    match heartbeat::confirm_connect(&probes, node, timeout).await {
+                // A node being killed may still complete a handshake while
+                // the kernel tears its sockets down: an accepted connect is
+                // tried again a few times, shortly after.
+                let mut outcome = (false, String::new());
+                for pause in CONFIRM_RETRIES {
+                    tokio::time::sleep(pause).await;
+                    outcome = match heartbeat::confirm_connect(&probes, node, timeout).await {
                         Ok(()) => (false, "connect accepted".to_string()),
                         Err(e) => (e.is_refused(), e.to_string()),
                     };
+                    if outcome.0 {
+                        break;
+                    }
+                }
+                let (refused, detail) = outcome;
                 let _ = tx
                     .send(Report::Confirm {
                         node,
