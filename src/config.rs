@@ -406,6 +406,9 @@ pub enum WindowMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
+    /// Whether logins are paced at all. Off, every login goes to its node
+    /// at once, as through a plain TCP proxy (hints are still given).
+    pub pacing: bool,
     /// How a move's re-login window is laid out.
     pub window: WindowMode,
     /// Longest time a login is held inside SASL waiting for its turn;
@@ -445,6 +448,7 @@ pub struct FailoverConfig {
 impl Default for FailoverConfig {
     fn default() -> Self {
         FailoverConfig {
+            pacing: true,
             window: WindowMode::Adaptive,
             max_hold: Duration::from_secs(20),
             initial_rate: 50.0,

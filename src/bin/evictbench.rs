@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use prg_proxy::config::{AssignmentMode, Config};
+use prg_proxy::config::Config;
 use prg_proxy::node::NodeId;
-use prg_proxy::route::Assignment;
+use prg_proxy::sim::bench::{chat, percentile, users_by_home};
 use prg_proxy::sim::{ClientTls, Roster, SimClient, SimNodeConfig, SimPair};
 use prg_proxy::Proxy;
 use tokio::sync::{oneshot, Semaphore};
@@ -79,37 +79,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Users named `u{i}`, split by their balanced home.
-fn users_by_home(on1: usize, on2: usize) -> (Vec<String>, Vec<String>) {
-    let a = Assignment::new(
-        AssignmentMode::Balanced,
-        &["imp1".into(), "imp2".into()],
-        Default::default(),
-    );
-    let (mut n1, mut n2) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while n1.len() < on1 || n2.len() < on2 {
-        let u = format!("u{i}");
-        match a.home(&format!("{u}@{DOMAIN}")) {
-            Ok(NodeId::Node1) if n1.len() < on1 => n1.push(u),
-            Ok(NodeId::Node2) if n2.len() < on2 => n2.push(u),
-            _ => {}
-        }
-        i += 1;
-    }
-    (n1, n2)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 async fn run(cli: Cli) -> Res<()> {
-    let (on1, on2) = users_by_home(cli.evicted, cli.chatters + 1);
+    let (on1, on2) = users_by_home(DOMAIN, cli.evicted, cli.chatters + 1);
     let accounts: Vec<(String, String)> = on1
         .iter()
         .chain(on2.iter())
@@ -222,7 +193,7 @@ async fn run(cli: Cli) -> Res<()> {
         }
     }
     let phase = Duration::from_secs_f64(cli.secs);
-    let quiet = chat(&mut chatters, phase).await?;
+    let quiet = chat(&mut chatters, phase, Duration::ZERO).await?;
     let before = view.metrics.write_timeouts.load(Ordering::Relaxed);
     // Fill the path to each stalled client.
     let targets: Vec<String> = stalled
@@ -285,7 +256,12 @@ async fn run(cli: Cli) -> Res<()> {
     };
     // Chat through the whole eviction: at most one write deadline, plus margin.
     let wt = humantime::parse_duration(&cli.write_timeout).map_err(|e| e.to_string())?;
-    let storm = chat(&mut chatters, phase.max(wt + Duration::from_secs(1))).await?;
+    let storm = chat(
+        &mut chatters,
+        phase.max(wt + Duration::from_secs(1)),
+        Duration::ZERO,
+    )
+    .await?;
     let (moved, confirmed, all_gone) = watcher.await.map_err(|e| e.to_string())?;
     let s = view.group.current();
     let timeouts = view.metrics.write_timeouts.load(Ordering::Relaxed) - before;
@@ -336,44 +312,4 @@ async fn run(cli: Cli) -> Res<()> {
         return Err("the eviction did not finish".into());
     }
     Ok(())
-}
-
-/// Every chatter sends messages to itself, one at a time, for `phase`;
-/// returns the sorted round-trip times in milliseconds.
-async fn chat(chatters: &mut Vec<SimClient>, phase: Duration) -> Res<Vec<f64>> {
-    let deadline = Instant::now() + phase;
-    let mut tasks = Vec::new();
-    for mut c in chatters.drain(..) {
-        tasks.push(tokio::spawn(async move {
-            let me = c.jid().unwrap_or_default().to_string();
-            let mut lat = Vec::new();
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                n += 1;
-                let body = format!("ping {n}");
-                let t = Instant::now();
-                if c.send_message(&me, &body).await.is_err() {
-                    break;
-                }
-                match c
-                    .wait_for(STEP, |s| {
-                        s.name == "message" && s.body().as_deref() == Some(&body)
-                    })
-                    .await
-                {
-                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                    Err(_) => break,
-                }
-            }
-            (c, lat)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        let (c, lat) = t.await.map_err(|e| e.to_string())?;
-        chatters.push(c);
-        all.extend(lat);
-    }
-    all.sort_by(|a, b| a.total_cmp(b));
-    Ok(all)
 }

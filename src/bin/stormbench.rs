@@ -1,0 +1,403 @@
+//! Failover storm bench, over real sockets: what a crash of node 1 does to
+//! the backup node, unpaced and paced, in one run.
+//!
+//! For each mode, in one process: a simulated node pair whose node 2 takes
+//! at most `--capacity` logins per second (ten login slots of 50 ms; a
+//! login queued longer than 8 s fails with `<temporary-auth-failure/>`, as
+//! a real node under a storm does), the proxy in front of it (balanced
+//! assignment), `--users` sessions homed on node 1 and `--chatters` users
+//! homed on node 2 who chat throughout. Node 1 is killed. The relay sees
+//! every session die and ends each with a re-login hint; the clients come
+//! back:
+//!
+//! - **unpaced** (`failover.pacing = false`): every client at once, as
+//!   through a TCP proxy; a failed login is tried again after 1 s;
+//! - **fixed** (window `[--lower, --upper]` on node 2) and **adaptive**
+//!   (the default window): 70 % of the clients honour their hint, 15 % come
+//!   back at once and 15 % after RFC 6120's random 0–60 s; a refused or
+//!   failed login comes back at its fresh hint (honouring) or after 1 s.
+//!
+//! Reported per mode: time until every stream was closed, logins per
+//! second completed at node 2 (peak 1-second bucket against the planned
+//! rate), logins node 2 failed for overload, time until 99 % / 100 % were
+//! back (against N / C), held and refused logins, and the chatters' round
+//! trip p50 / p99 during the storm against before it.
+//!
+//! Each session costs this process four descriptors (client, proxy client
+//! side, proxy node side, node side): 4,000 sessions and 200 chatters fit
+//! the 20,000 open-file limit. Everything is on 127.0.0.1; every loop is
+//! bounded in count and time.
+//!
+//! ```sh
+//! cargo run --release --bin stormbench -- [--users 4000] [--capacity 200]
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use prg_proxy::config::Config;
+use prg_proxy::node::NodeId;
+use prg_proxy::sim::bench::{chat, percentile, users_by_home};
+use prg_proxy::sim::{
+    ClientError, ClientTls, LoginCapacity, ReconnectPolicy, Roster, SimClient, SimNodeConfig,
+    SimPair,
+};
+use prg_proxy::Proxy;
+use rand::Rng;
+use tokio::sync::{oneshot, Semaphore};
+
+const DOMAIN: &str = "example.com";
+const STEP: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Clone)]
+#[command(about = "prg-proxy failover storm bench (real sockets)")]
+struct Cli {
+    /// Sessions homed on node 1, all moved by its crash.
+    #[arg(long, default_value_t = 4000)]
+    users: usize,
+    /// Users on node 2 who chat throughout.
+    #[arg(long, default_value_t = 200)]
+    chatters: usize,
+    /// Node 2's login capacity, logins per second.
+    #[arg(long, default_value_t = 200.0)]
+    capacity: f64,
+    /// Node 2's re-login window in the fixed mode.
+    #[arg(long, default_value = "5s")]
+    lower: String,
+    #[arg(long, default_value = "35s")]
+    upper: String,
+    /// Modes to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "unpaced,fixed,adaptive")]
+    modes: Vec<String>,
+    /// Give up on a mode after this long.
+    #[arg(long, default_value = "240s")]
+    bound: String,
+}
+
+type Res<T> = Result<T, String>;
+
+struct Outcome {
+    mode: String,
+    evict: f64,
+    peak: u64,
+    planned: f64,
+    node_failures: u64,
+    t99: Option<f64>,
+    t100: Option<f64>,
+    back: usize,
+    held: u64,
+    refused: u64,
+    rate: f64,
+    quiet_p99: f64,
+    storm_p50: f64,
+    storm_p99: f64,
+    quiet_p50: f64,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("stormbench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut outs = Vec::new();
+    for mode in cli.modes.clone() {
+        match rt.block_on(run_mode(&cli, &mode)) {
+            Ok(o) => outs.push(o),
+            Err(e) => {
+                eprintln!("stormbench: {mode}: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let ideal = cli.users as f64 / cli.capacity;
+    println!(
+        "\nfailover storm over real sockets: {} users on node 1 killed, node 2 takes {:.0} logins/s (N / C = {:.1} s); \
+         paced modes: 70 % honour the hint, 15 % at once, 15 % RFC 6120 0-60 s",
+        cli.users, cli.capacity, ideal
+    );
+    println!(
+        "{:>9} {:>8} {:>7} {:>7} {:>6} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6}  {:>22}",
+        "mode",
+        "evict s",
+        "peak/s",
+        "plan/s",
+        "pk/pl",
+        "node-fail",
+        "t99 s",
+        "xN/C",
+        "t100 s",
+        "back",
+        "held",
+        "refused",
+        "rate",
+        "chat p50/p99 ms (quiet)"
+    );
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for o in &outs {
+        println!(
+            "{:>9} {:>8.3} {:>7} {:>7.1} {:>6.2} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6.0}  {:>6.1}/{:<6.1} ({:.1}/{:.1})",
+            o.mode,
+            o.evict,
+            o.peak,
+            o.planned,
+            o.peak as f64 / o.planned,
+            o.node_failures,
+            f(o.t99),
+            o.t99.map_or("-".into(), |t| format!("{:.2}", t / ideal)),
+            f(o.t100),
+            o.back,
+            o.held,
+            o.refused,
+            o.rate,
+            o.storm_p50,
+            o.storm_p99,
+            o.quiet_p50,
+            o.quiet_p99,
+        );
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
+    let bound = humantime::parse_duration(&cli.bound).map_err(|e| e.to_string())?;
+    let (on1, on2) = users_by_home(DOMAIN, cli.users, cli.chatters);
+    let accounts: Vec<(String, String)> = on1
+        .iter()
+        .chain(on2.iter())
+        .map(|u| (u.clone(), "pw".to_string()))
+        .collect();
+    let node = |name: &str| {
+        let mut n = SimNodeConfig::new(name, DOMAIN, accounts.clone());
+        n.roster = Roster::Custom(Default::default());
+        n
+    };
+    let mut c2 = node("imp2");
+    c2.login_capacity = Some(LoginCapacity::per_second(cli.capacity));
+    let pair = SimPair::start(node("imp1"), c2)
+        .await
+        .map_err(|e| format!("node pair: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("prg-stormbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(|e| e.to_string())?;
+    let client_tls =
+        prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
+            .map_err(|e| e.to_string())?;
+    let failover = match mode {
+        "unpaced" => "pacing = false\nwindow = \"fixed\"\n",
+        "fixed" => "window = \"fixed\"\n",
+        "adaptive" => "window = \"adaptive\"\n",
+        m => return Err(format!("unknown mode {m}")),
+    };
+    let text = format!(
+        "[group]\nname = \"bench\"\nhigh_availability = true\nassignment = \"balanced\"\n\
+         domains = [\"{DOMAIN}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
+         [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\nrelogin_lower = \"{}\"\nrelogin_upper = \"{}\"\n\n\
+         [listen]\nstarttls = \"127.0.0.1:0\"\n\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+         [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}",
+        pair.nodes[0].addr(),
+        pair.nodes[1].addr(),
+        cli.lower,
+        cli.upper,
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display(),
+    );
+    let config = Config::parse(&text).map_err(|e| e.to_string())?;
+    let proxy = Proxy::bind(config).await.map_err(|e| e.to_string())?;
+    let addr = proxy.starttls_addr().ok_or("no listener")?;
+    let view = proxy.view();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let proxy_task = tokio::spawn(proxy.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let mut status = view.group_status();
+    tokio::time::timeout(
+        STEP,
+        status
+            .wait_for(|s| s.serving == [Some(NodeId::Node1), Some(NodeId::Node2)] && s.monitoring),
+    )
+    .await
+    .map_err(|_| "group not Normal")?
+    .map_err(|_| "monitor gone")?;
+
+    let tls = ClientTls::StartTls {
+        config: client_tls,
+        server_name: DOMAIN.into(),
+    };
+    let login = move |user: String, tls: ClientTls| async move {
+        let mut c = SimClient::connect(addr, DOMAIN, tls).await?;
+        c.login(&user, "pw", "PLAIN").await?;
+        c.bind("bench").await?;
+        Ok::<_, ClientError>(c)
+    };
+    // Log everyone in (node 2's own users go through its capacity too).
+    let gate = Arc::new(Semaphore::new(64));
+    let mut joins = Vec::new();
+    for u in on1.iter().chain(on2.iter()) {
+        let (gate, tls, u) = (gate.clone(), tls.clone(), u.clone());
+        joins.push(tokio::spawn(async move {
+            let _p = gate.acquire().await;
+            for _ in 0..50 {
+                match login(u.clone(), tls.clone()).await {
+                    Ok(c) => return Ok(c),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            Err(format!("{u} cannot log in"))
+        }));
+    }
+    let mut clients = Vec::new();
+    for j in joins {
+        clients.push(j.await.map_err(|e| e.to_string())??);
+    }
+    let mut chatters = clients.split_off(on1.len());
+    eprintln!(
+        "{mode}: {} sessions on imp1, {} chatters on imp2",
+        clients.len(),
+        chatters.len()
+    );
+    let quiet = chat(
+        &mut chatters,
+        Duration::from_secs(3),
+        Duration::from_millis(100),
+    )
+    .await?;
+
+    // The crash.
+    let completed0 = pair.nodes[1].logins_completed();
+    let failed0 = pair.nodes[1].logins_overloaded();
+    let pacer = view.hints.pacer().clone();
+    let (held0, refused0) = (
+        pacer.stats.held.load(Ordering::Relaxed),
+        pacer.stats.refused.load(Ordering::Relaxed),
+    );
+    let t0 = Instant::now();
+    pair.nodes[0].kill();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let last_closed = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let mut tasks = Vec::new();
+    let paced = mode != "unpaced";
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let (closed, last_closed, tls) = (closed.clone(), last_closed.clone(), tls.clone());
+        let user = on1[i].clone();
+        let policy = if !paced {
+            ReconnectPolicy::Immediate
+        } else {
+            match i % 20 {
+                0..=13 => ReconnectPolicy::Honour,
+                14..=16 => ReconnectPolicy::Immediate,
+                _ => ReconnectPolicy::Rfc6120Random,
+            }
+        };
+        tasks.push(tokio::spawn(async move {
+            let hint = loop {
+                match c.recv(STEP).await {
+                    Ok(_) => continue,
+                    Err(e) => break e.relogin(),
+                }
+            };
+            drop(c);
+            closed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut l) = last_closed.lock() {
+                *l = (*l).max(t0.elapsed());
+            }
+            let mut wait = policy.delay(hint.as_ref(), &mut rand::thread_rng());
+            let deadline = t0 + bound;
+            while Instant::now() + wait < deadline {
+                tokio::time::sleep(wait).await;
+                match login(user.clone(), tls.clone()).await {
+                    Ok(c) => return Some((t0.elapsed(), c)),
+                    Err(e) => {
+                        let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..500));
+                        wait = match (&policy, e.relogin()) {
+                            (ReconnectPolicy::Honour, Some(h)) => h.after,
+                            _ => Duration::from_secs(1) + jitter,
+                        };
+                    }
+                }
+            }
+            None
+        }));
+    }
+    // Logins per second completed at node 2, while the storm lasts.
+    let n = cli.users;
+    let sampler = {
+        let node2 = pair.nodes[1].clone();
+        tokio::spawn(async move {
+            let mut per_second = Vec::new();
+            let mut last = completed0;
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            while t0.elapsed() < bound && (last - completed0) < n as u64 {
+                tick.tick().await;
+                let now = node2.logins_completed();
+                per_second.push(now - last);
+                last = now;
+            }
+            per_second
+        })
+    };
+    let storm = chat(
+        &mut chatters,
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+    )
+    .await?;
+    let mut back = Vec::new();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        if let Ok(Some((at, c))) = t.await {
+            back.push(at.as_secs_f64());
+            sessions.push(c);
+        }
+    }
+    let per_second = sampler.await.map_err(|e| e.to_string())?;
+    back.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| -> Option<f64> {
+        let k = ((n as f64) * p).ceil() as usize;
+        (back.len() >= k && k > 0).then(|| back[k - 1])
+    };
+    let window = view.hints.window(NodeId::Node2, n);
+    let planned = if paced {
+        window.planned_rate(n).min(cli.capacity)
+    } else {
+        cli.capacity
+    };
+    let out = Outcome {
+        mode: mode.to_string(),
+        evict: last_closed
+            .lock()
+            .map(|l| l.as_secs_f64())
+            .unwrap_or(f64::NAN),
+        peak: per_second.iter().copied().max().unwrap_or(0),
+        planned,
+        node_failures: pair.nodes[1].logins_overloaded() - failed0,
+        t99: at(0.99),
+        t100: at(1.0),
+        back: back.len(),
+        held: pacer.stats.held.load(Ordering::Relaxed) - held0,
+        refused: pacer.stats.refused.load(Ordering::Relaxed) - refused0,
+        rate: pacer.rate(NodeId::Node2),
+        quiet_p50: percentile(&quiet, 0.5),
+        quiet_p99: percentile(&quiet, 0.99),
+        storm_p50: percentile(&storm, 0.5),
+        storm_p99: percentile(&storm, 0.99),
+    };
+    eprintln!("{mode}: node 2 logins per second: {:?}", per_second);
+    drop(sessions);
+    drop(chatters);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(STEP, proxy_task).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}
