@@ -283,6 +283,9 @@ direct_tls = "127.0.0.1:$direct"
 cert = "$CERT"
 key = "$KEY"
 
+[admin]
+listen = "127.0.0.1:0"
+
 # Short timers, so that the failover checks finish in seconds.
 [srm]
 heartbeat_interval = "1s"

@@ -59,6 +59,55 @@ pub struct Config {
     /// Re-login hints and the login pacer.
     #[serde(default)]
     pub failover: FailoverConfig,
+    /// The admin HTTP API and status page.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP API and status page (see [`crate::admin`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the API at all (default true).
+    pub enabled: bool,
+    /// Where (default `127.0.0.1:20075`). Off loopback a token is required.
+    pub listen: SocketAddr,
+    /// Bearer token required by mutating calls (optional on loopback).
+    pub token: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 20075)),
+            token: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(t) = &self.token {
+            if t.trim().is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::new(
+                    "admin.token",
+                    "a token must be non-empty and contain no whitespace",
+                ));
+            }
+        }
+        if self.enabled && self.token.is_none() && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "admin.token",
+                format!(
+                    "the admin API listens on {}, which is not a loopback address; \
+                     set admin.token (or listen on 127.0.0.1)",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// DNS resolution of `srv` node names.
@@ -669,6 +718,7 @@ impl Config {
         }
         self.limits.validate()?;
         self.failover.validate()?;
+        self.admin.validate()?;
         if self.group.assignment_file.is_some()
             && self.group.assignment == AssignmentMode::ActiveStandby
         {

@@ -91,6 +91,9 @@ direct_tls = "127.0.0.1:0"
 cert = "{cert}"
 key = "{key}"
 
+[admin]
+enabled = false
+
 [srm]
 heartbeat_interval = "500ms"
 heartbeat_timeout = "3s"
@@ -463,6 +466,9 @@ starttls = "127.0.0.1:0"
 [tls]
 cert = "{cert}"
 key = "{key}"
+
+[admin]
+enabled = false
 
 [srm]
 heartbeat_interval = "500ms"

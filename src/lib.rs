@@ -30,10 +30,13 @@
 //!   its stanza hooks.
 //! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
 //!   read-only [`proxy::ProxyView`] for the outside.
+//! - [`admin`] — the admin HTTP API, status page and CLI client over a
+//!   [`proxy::ProxyView`]; an outer layer that [`proxy`] only starts.
 //! - [`sim`] — (feature `sim`) a simulated IM&P node pair and client, for
 //!   the demo, the tests and the benchmarks.
 //! - [`demo`] — (feature `sim`) the built-in demonstration.
 
+pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod control;

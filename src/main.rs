@@ -4,14 +4,31 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use prg_proxy::admin::cli::{Options as AdminOptions, Request as AdminRequest};
 use prg_proxy::{Config, Proxy};
 
 /// XMPP-aware failover proxy in front of a presence redundancy group.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Admin commands (status, failover, fallback, recover, user, add-user, \
+                  move-user) exit 0 on success, 2 when the API refused the request (4xx: \
+                  unknown node, refused by the state machine, missing or wrong token) and 3 \
+                  when the API is unreachable or failed (5xx)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Admin API base URL (for status, failover, … ).
+    #[arg(long, global = true, default_value = prg_proxy::admin::cli::DEFAULT_ADMIN)]
+    admin: String,
+    /// Bearer token for mutating admin calls (default: $PRG_PROXY_TOKEN).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -40,6 +57,59 @@ enum Command {
         #[arg(default_values_t = ["example.com".to_string(), "localhost".to_string()])]
         names: Vec<String>,
     },
+    /// Show the group, both nodes and the counters (admin API).
+    Status,
+    /// Manual failover of NODE (name or 1/2): its users move to the peer.
+    Failover {
+        /// Node name or number.
+        node: String,
+    },
+    /// Manual fallback to NODE: its users come back from the peer.
+    Fallback {
+        /// Node name or number.
+        node: String,
+    },
+    /// Manual recovery when both nodes are in a failed state.
+    Recover,
+    /// Show a user's home node and sessions.
+    User {
+        /// Bare JID.
+        jid: String,
+    },
+    /// Add a user to the assignment with NODE as home.
+    AddUser {
+        /// Bare JID.
+        jid: String,
+        /// Node name or number.
+        node: String,
+    },
+    /// Pin a user's home to NODE and move the user's sessions there.
+    MoveUser {
+        /// Bare JID.
+        jid: String,
+        /// Node name or number.
+        node: String,
+    },
+}
+
+/// The admin request a command stands for, if it is one.
+fn admin_request(c: &Command) -> Option<AdminRequest> {
+    Some(match c {
+        Command::Status => AdminRequest::Status,
+        Command::Failover { node } => AdminRequest::Failover(node.clone()),
+        Command::Fallback { node } => AdminRequest::Fallback(node.clone()),
+        Command::Recover => AdminRequest::Recover,
+        Command::User { jid } => AdminRequest::User(jid.clone()),
+        Command::AddUser { jid, node } => AdminRequest::AddUser {
+            jid: jid.clone(),
+            node: node.clone(),
+        },
+        Command::MoveUser { jid, node } => AdminRequest::MoveUser {
+            jid: jid.clone(),
+            node: node.clone(),
+        },
+        _ => return None,
+    })
 }
 
 /// `EX_USAGE` from sysexits.h: a bad configuration.
@@ -49,8 +119,12 @@ const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own story; only warnings go to the log.
-    prg_proxy::logging::init(if matches!(cli.command, Command::Demo) {
+    let admin = admin_request(&cli.command);
+    // The demo and the admin commands print their own output; only
+    // warnings go to the log.
+    prg_proxy::logging::init(if admin.is_some() {
+        "warn"
+    } else if matches!(cli.command, Command::Demo) {
         "error,prg_proxy::group=warn"
     } else {
         "info"
@@ -61,6 +135,15 @@ fn main() -> ExitCode {
             eprintln!("prg-proxy: cannot start the runtime: {e}");
             return ExitCode::from(EX_UNAVAILABLE);
         }
+    };
+    let opts = AdminOptions {
+        admin: cli.admin.clone(),
+        token: cli.token.clone().or_else(|| {
+            std::env::var("PRG_PROXY_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        }),
+        json: cli.json,
     };
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
@@ -143,5 +226,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status
+        | Command::Failover { .. }
+        | Command::Fallback { .. }
+        | Command::Recover
+        | Command::User { .. }
+        | Command::AddUser { .. }
+        | Command::MoveUser { .. } => match admin {
+            Some(req) => ExitCode::from(rt.block_on(prg_proxy::admin::cli::run(&req, &opts))),
+            None => ExitCode::FAILURE,
+        },
     }
 }

@@ -123,6 +123,7 @@ pub struct Proxy {
     view: ProxyView,
     starttls: Option<TcpListener>,
     direct: Option<TcpListener>,
+    admin: Option<TcpListener>,
     next_conn: Arc<AtomicU64>,
 }
 
@@ -154,6 +155,7 @@ impl Proxy {
         };
         let starttls = bind(config.listen.starttls).await?;
         let direct = bind(config.listen.direct_tls).await?;
+        let admin = bind(config.admin.enabled.then_some(config.admin.listen)).await?;
 
         let config = Arc::new(config);
         let routing = Arc::new(Routing::new());
@@ -215,6 +217,7 @@ impl Proxy {
             view,
             starttls,
             direct,
+            admin,
             next_conn: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -227,6 +230,11 @@ impl Proxy {
     /// The direct-TLS listener's address.
     pub fn direct_tls_addr(&self) -> Option<SocketAddr> {
         self.direct.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The admin API's address (`None` with `admin.enabled = false`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// What the outside may see and ask (the admin surface, the demo, tests).
@@ -246,6 +254,7 @@ impl Proxy {
             view,
             starttls,
             direct,
+            admin,
             next_conn,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -254,6 +263,8 @@ impl Proxy {
 
         let evictor = failover::spawn(failover, orders);
         let monitor = monitor::spawn(monitor);
+        let admin =
+            admin.map(|l| tokio::spawn(crate::admin::serve(l, view.clone(), stop_rx.clone())));
         // Offer the nodes' own mechanisms from the first client on: wait
         // (bounded) for each node's first heartbeat, which reads them.
         let first_round = async {
@@ -292,6 +303,9 @@ impl Proxy {
         }
         monitor.abort();
         evictor.abort();
+        if let Some(a) = &admin {
+            a.abort();
+        }
         let _ = stop_tx.send(true);
         let grace = conn.limits.shutdown_grace;
         let drained = tokio::time::timeout(grace, slots.acquire_many(max as u32)).await;

@@ -212,3 +212,136 @@ async fn sigterm_drains_with_system_shutdown() {
         "{log:?}"
     );
 }
+
+/// Runs the binary with `args` and returns (exit code, stdout, stderr).
+async fn prg(args: &[&str], token_env: Option<&str>) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args).env_remove("PRG_PROXY_TOKEN");
+    if let Some(t) = token_env {
+        cmd.env("PRG_PROXY_TOKEN", t);
+    }
+    let out = tokio::time::timeout(T, cmd.output())
+        .await
+        .expect("the CLI ends in time")
+        .expect("the CLI runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_drive_a_running_proxy() {
+    use prg_proxy::group::NodeState;
+    let mut g = TestGroup::start_with(
+        "balanced",
+        "[srm]\nheartbeat_interval = \"200ms\"\nheartbeat_timeout = \"60s\"\n\
+         initial_heartbeat_timeout = \"120s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"cli-token\"\n",
+        |_| {},
+    )
+    .await;
+    let url = format!("http://{}", g.admin.expect("admin API"));
+    let mut rx = g.view.group_status();
+    let normal = |s: &prg_proxy::group::GroupStatus| {
+        NodeId::ALL
+            .iter()
+            .all(|n| s.state(*n).0 == NodeState::Normal && s.move_in_progress.is_none())
+    };
+    tokio::time::timeout(T, rx.wait_for(normal))
+        .await
+        .expect("Normal")
+        .expect("monitor");
+    let _alice = g.login("alice", "PLAIN", "desk").await;
+
+    let (code, out, err) = prg(&["status", "--admin", &url], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("group test-group"), "{out}");
+    assert!(out.contains("imp1") && out.contains("imp2"), "{out}");
+    assert!(out.contains("Normal"), "{out}");
+    assert!(out.contains("Table 2 row 1"), "{out}");
+    let (code, out, err) = prg(&["status", "--json", "--admin", &url], None).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["nodes"][0]["state"], "normal");
+
+    let (code, out, err) = prg(&["user", "alice@example.com", "--admin", &url], None).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("home imp1") && out.contains("desk"), "{out}");
+
+    // Refusals exit 2: no token, a wrong one, an unknown node, a fallback
+    // from Normal.
+    let (code, _, err) = prg(&["failover", "imp1", "--admin", &url], None).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("401"), "{err}");
+    let (code, _, err) = prg(
+        &["failover", "imp1", "--admin", &url, "--token", "nope"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = prg(&["failover", "imp9", "--admin", &url], Some("cli-token")).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("404"), "{err}");
+    let (code, _, err) = prg(&["fallback", "1", "--admin", &url], Some("cli-token")).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("409"), "{err}");
+
+    // The token from the environment; failover then fallback.
+    let (code, out, err) = prg(&["failover", "imp1", "--admin", &url], Some("cli-token")).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("failover of imp1 accepted"), "{out}");
+    tokio::time::timeout(
+        T,
+        rx.wait_for(|s| {
+            s.state(N1).0 == NodeState::Idle && s.state(N2).0 == NodeState::RunningInBackupMode
+        }),
+    )
+    .await
+    .expect("failed over")
+    .expect("monitor");
+    let (code, _, err) = prg(
+        &["add-user", "frank@example.com", "imp2", "--admin", &url],
+        Some("cli-token"),
+    )
+    .await;
+    assert_eq!(code, 2, "refused while failed over: {err}");
+    let (code, _, err) = prg(
+        &["fallback", "imp1", "--admin", &url, "--token", "cli-token"],
+        None,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    tokio::time::timeout(T, rx.wait_for(normal))
+        .await
+        .expect("Normal again")
+        .expect("monitor");
+    let (code, out, err) = prg(
+        &["add-user", "frank@example.com", "2", "--admin", &url],
+        Some("cli-token"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("home imp2"), "{out}");
+    assert_eq!(g.view.home("frank@example.com"), Ok(N2));
+    let (code, out, err) = prg(
+        &["move-user", "bob@example.com", "imp2", "--admin", &url],
+        Some("cli-token"),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bob@example.com moved"), "{out}");
+    assert_eq!(g.view.home("bob@example.com"), Ok(N2));
+    let (code, _, err) = prg(&["recover", "--admin", &url], Some("cli-token")).await;
+    assert_eq!(code, 2, "nothing to recover: {err}");
+
+    // Unreachable: exit 3.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let (code, _, err) = prg(&["status", "--admin", &format!("http://{closed}")], None).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    g.stop().await;
+}

@@ -140,7 +140,7 @@ async fn a_node_given_by_srv_serves_logins() {
          [[nodes]]\nname = \"imp1\"\nsrv = \"node1.example.net\"\n\n\
          [[nodes]]\nname = \"imp2\"\nsrv = \"node2.example.net\"\n\n\
          [listen]\nstarttls = \"127.0.0.1:0\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
-         [dns]\nservers = [\"{dns}\"]\n",
+         [dns]\nservers = [\"{dns}\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
         certs.cert(),
         certs.key()
     );

@@ -110,6 +110,7 @@ async fn run(cli: Cli) -> Res<()> {
          [listen]\nstarttls = \"127.0.0.1:0\"\n\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [limits]\nwrite_timeout = \"{}\"\n\n\
+         [admin]\nenabled = false\n\n\
          [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n",
         pair.nodes[0].addr(),
         pair.nodes[1].addr(),

@@ -279,3 +279,30 @@ fn assignment_file_is_refused_in_active_standby() {
     c.group.assignment = AssignmentMode::None;
     c.validate().expect("mode none may list its users");
 }
+
+#[test]
+fn admin_api_defaults_and_token_rule() {
+    let c = example();
+    assert!(c.admin.enabled);
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:20075");
+    assert_eq!(c.admin.token, None);
+    // Off loopback without a token: refused, naming admin.token.
+    let e = with(|c| c.admin.listen = "0.0.0.0:20075".parse().unwrap()).unwrap_err();
+    assert_eq!(e.key, "admin.token");
+    assert!(e.message.contains("0.0.0.0:20075"), "{e}");
+    with(|c| {
+        c.admin.listen = "0.0.0.0:20075".parse().unwrap();
+        c.admin.token = Some("s3cret".into());
+    })
+    .unwrap();
+    // Disabled: no rule applies.
+    with(|c| {
+        c.admin.listen = "0.0.0.0:20075".parse().unwrap();
+        c.admin.enabled = false;
+    })
+    .unwrap();
+    let e = with(|c| c.admin.token = Some("two words".into())).unwrap_err();
+    assert_eq!(e.key, "admin.token");
+    let e = Config::parse(&format!("{}\n[admin]\nport = 1\n", crate::config::EXAMPLE)).unwrap_err();
+    assert!(e.message.contains("unknown field `port`"), "{e}");
+}

@@ -60,6 +60,8 @@ pub struct TestGroup {
     pub view: ProxyView,
     pub starttls: SocketAddr,
     pub direct: SocketAddr,
+    /// The admin API's address, if enabled.
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -82,6 +84,10 @@ pub fn config_text(nodes: &[SocketAddr], mode: &str, certs: &Certs, extra: &str)
         certs.cert(),
         certs.key()
     ));
+    // The admin API on a port the kernel picks, unless the test sets it.
+    if !extra.contains("[admin]") {
+        s.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    }
     s
 }
 
@@ -116,6 +122,7 @@ impl TestGroup {
         let proxy = Proxy::bind(config).await.unwrap();
         let starttls = proxy.starttls_addr().unwrap();
         let direct = proxy.direct_tls_addr().unwrap();
+        let admin = proxy.admin_addr();
         let view = proxy.view();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(proxy.run(async move {
@@ -127,6 +134,7 @@ impl TestGroup {
             view,
             starttls,
             direct,
+            admin,
             stop: Some(tx),
             task: Some(task),
         }
