@@ -30,6 +30,8 @@
 //!   its stanza hooks.
 //! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
 //!   read-only [`proxy::ProxyView`] for the outside.
+//! - [`prometheus`] — the counters in the Prometheus text format, read at
+//!   scrape time from a [`proxy::ProxyView`].
 //! - [`sim`] — (feature `sim`) a simulated IM&P node pair and client, for
 //!   the demo, the tests and the benchmarks.
 //! - [`demo`] — (feature `sim`) the built-in demonstration.
@@ -45,6 +47,7 @@ pub mod jid;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod prometheus;
 pub mod proxy;
 pub mod route;
 pub mod signals;
