@@ -30,6 +30,8 @@
 //!   its stanza hooks.
 //! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
 //!   read-only [`proxy::ProxyView`] for the outside.
+//! - [`reload`] — live reload of the configuration (certificates, limits,
+//!   pacer, re-login bounds), validated first.
 //! - [`prometheus`] — the counters in the Prometheus text format, read at
 //!   scrape time from a [`proxy::ProxyView`].
 //! - [`sim`] — (feature `sim`) a simulated IM&P node pair and client, for
@@ -49,6 +51,7 @@ pub mod metrics;
 pub mod node;
 pub mod prometheus;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod signals;
 #[cfg(feature = "sim")]

@@ -9,10 +9,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{error, info, warn};
@@ -24,8 +26,9 @@ use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::{GroupHandle, GroupStatus, UsersCannotBeAdded};
 use crate::metrics::Metrics;
 use crate::node::{NodeId, PAIR};
+use crate::reload::{ReloadReport, Reloader};
 use crate::route::{AssignError, Assignment, Routing};
-use crate::tls::server_tls;
+use crate::tls::{server_tls, LiveTls};
 use crate::tracker::Tracker;
 use crate::upstream::{Mechanisms, Nodes};
 
@@ -77,9 +80,32 @@ pub struct ProxyView {
     pub mechanisms: Arc<Mechanisms>,
     /// Re-login hints and the login pacer (rates, slots, counters).
     pub hints: Arc<Hints>,
+    reloader: Arc<Reloader>,
 }
 
 impl ProxyView {
+    /// Re-reads and validates the configuration file the proxy was started
+    /// with and puts what can change live in force (see [`crate::reload`]).
+    /// A bad file is refused, naming the key, and nothing changes.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigError> {
+        self.reloader.reload()
+    }
+
+    /// The same with a configuration given in memory.
+    pub fn reload_from(&self, config: Config) -> Result<ReloadReport, ConfigError> {
+        self.reloader.apply(config)
+    }
+
+    /// The configuration in force now (`config` is the one at start).
+    pub fn current_config(&self) -> Arc<Config> {
+        self.reloader.config()
+    }
+
+    /// The configuration file the proxy was started with, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.reloader.path()
+    }
+
     /// The redundancy group's current view, updated after every change.
     pub fn group_status(&self) -> watch::Receiver<GroupStatus> {
         self.group.subscribe()
@@ -116,7 +142,8 @@ impl ProxyView {
 
 /// A bound, not yet running proxy.
 pub struct Proxy {
-    conn: Arc<ConnContext>,
+    /// Swapped by a reload; each accepted connection takes the current one.
+    conn: Arc<ArcSwap<ConnContext>>,
     monitor: MonitorContext,
     failover: FailoverContext,
     orders: mpsc::UnboundedReceiver<MoveOrder>,
@@ -130,8 +157,17 @@ impl Proxy {
     /// Loads everything the config names (certificates, assignment file),
     /// then binds the listeners. Nothing is bound if anything is wrong.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        Proxy::bind_with_path(config, None).await
+    }
+
+    /// [`Proxy::bind`] for a configuration read from `path`: a reload
+    /// (SIGHUP, [`ProxyView::reload`]) reads that file again.
+    pub async fn bind_with_path(
+        config: Config,
+        path: Option<PathBuf>,
+    ) -> Result<Proxy, StartError> {
         config.validate()?;
-        let tls = server_tls(&config.tls)?;
+        let tls = Arc::new(LiveTls::new(server_tls(&config.tls)?));
         let overrides = config
             .load_assignment_overrides()?
             .into_iter()
@@ -167,7 +203,7 @@ impl Proxy {
         let conn = Arc::new(ConnContext {
             limits: config.limits.clone(),
             domains: config.group.domains.clone(),
-            tls,
+            tls: tls.clone(),
             nodes: nodes.clone(),
             assignment: assignment.clone(),
             routing: routing.clone(),
@@ -198,7 +234,16 @@ impl Proxy {
             // covers a batch already pending when the eviction came.
             eviction_timeout: config.limits.write_timeout * 2 + Duration::from_secs(1),
         };
+        let conn = Arc::new(ArcSwap::new(conn));
+        let reloader = Arc::new(Reloader::new(
+            path,
+            conn.clone(),
+            config.clone(),
+            tls,
+            hints.clone(),
+        ));
         let view = ProxyView {
+            reloader,
             config,
             group,
             tracker,
@@ -249,7 +294,7 @@ impl Proxy {
             next_conn,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let max = conn.limits.max_connections;
+        let max = conn.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
 
         let evictor = failover::spawn(failover, orders);
@@ -268,7 +313,8 @@ impl Proxy {
                 })
                 .await;
         };
-        let _ = tokio::time::timeout(conn.limits.upstream_connect_timeout, first_round).await;
+        let _ =
+            tokio::time::timeout(conn.load().limits.upstream_connect_timeout, first_round).await;
 
         let mut accepts = Vec::new();
         for (listener, direct) in [(starttls, false), (direct, true)] {
@@ -293,7 +339,7 @@ impl Proxy {
         monitor.abort();
         evictor.abort();
         let _ = stop_tx.send(true);
-        let grace = conn.limits.shutdown_grace;
+        let grace = conn.load().limits.shutdown_grace;
         let drained = tokio::time::timeout(grace, slots.acquire_many(max as u32)).await;
         match drained {
             Ok(_) => info!("all connections closed"),
@@ -309,7 +355,7 @@ impl Proxy {
 async fn accept_loop(
     listener: TcpListener,
     direct: bool,
-    ctx: Arc<ConnContext>,
+    ctx: Arc<ArcSwap<ConnContext>>,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
     next_conn: Arc<AtomicU64>,
@@ -334,11 +380,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The settings in force now, kept to the connection's end.
+        let ctx = ctx.load_full();
         ctx.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
-        let conn = ClientConnection::new(id, ctx.clone(), stop.clone());
+        let conn = ClientConnection::new(id, ctx, stop.clone());
         let accepted = Accepted {
             tcp,
             peer,

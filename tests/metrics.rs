@@ -21,10 +21,7 @@ fn value(v: &Value) -> f64 {
 fn get(s: &Scrape, metric: &str, label: Option<(&str, &str)>) -> Option<f64> {
     s.samples
         .iter()
-        .find(|x| {
-            x.metric == metric
-                && label.map_or(true, |(k, v)| x.labels.get(k) == Some(v))
-        })
+        .find(|x| x.metric == metric && label.map_or(true, |(k, v)| x.labels.get(k) == Some(v)))
         .map(|x| value(&x.value))
 }
 
@@ -45,8 +42,7 @@ async fn metrics_show_sessions_and_logins_per_node() {
         let s = scrape(&prg_proxy::prometheus::render(&g.view));
         names.iter().enumerate().all(|(i, n)| {
             get(&s, "prg_proxy_sessions", Some(("node", n))) == Some(want[i])
-                && get(&s, "prg_proxy_logins_completed_total", Some(("node", n)))
-                    == Some(want[i])
+                && get(&s, "prg_proxy_logins_completed_total", Some(("node", n))) == Some(want[i])
         })
     })
     .await;
@@ -56,8 +52,24 @@ async fn metrics_show_sessions_and_logins_per_node() {
     assert_eq!(get(&s, "prg_proxy_connections_total", None), Some(4.0));
     assert_eq!(get(&s, "prg_proxy_connections_active", None), Some(4.0));
     assert_eq!(get(&s, "prg_proxy_logins_routed_total", None), Some(4.0));
-    assert!(get(&s, "prg_proxy_bytes_total", Some(("direction", "client_to_node"))).unwrap() > 0.0);
-    assert!(get(&s, "prg_proxy_stanzas_total", Some(("direction", "node_to_client"))).unwrap() > 0.0);
+    assert!(
+        get(
+            &s,
+            "prg_proxy_bytes_total",
+            Some(("direction", "client_to_node"))
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert!(
+        get(
+            &s,
+            "prg_proxy_stanzas_total",
+            Some(("direction", "node_to_client"))
+        )
+        .unwrap()
+            > 0.0
+    );
     assert_eq!(get(&s, "prg_proxy_pacer_refused_total", None), Some(0.0));
     assert_eq!(get(&s, "prg_proxy_pending_slots", None), Some(0.0));
     assert!(get(&s, "prg_proxy_pacer_rate", Some(("node", "imp2"))).unwrap() > 0.0);
@@ -73,7 +85,10 @@ async fn metrics_show_sessions_and_logins_per_node() {
     }
     // The types are declared.
     assert!(text.contains("# TYPE prg_proxy_sessions gauge"), "{text}");
-    assert!(text.contains("# TYPE prg_proxy_logins_completed_total counter"), "{text}");
+    assert!(
+        text.contains("# TYPE prg_proxy_logins_completed_total counter"),
+        "{text}"
+    );
     for c in clients {
         let _ = c.close().await;
     }

@@ -49,7 +49,7 @@ use crate::group::GroupHandle;
 use crate::metrics::Metrics;
 use crate::node::NodeId;
 use crate::route::{AssignError, Assignment, Routing};
-use crate::tls::ServerTls;
+use crate::tls::LiveTls;
 use crate::tracker::Tracker;
 use crate::upstream::{BoxStream, Mechanisms, NodeStream, Nodes, UpstreamError};
 use crate::xmpp::framer::{FrameError, FrameKind, Framer};
@@ -63,8 +63,8 @@ pub struct ConnContext {
     pub limits: LimitsConfig,
     /// The served domains; the first is the default.
     pub domains: Vec<String>,
-    /// Client-facing TLS.
-    pub tls: ServerTls,
+    /// Client-facing TLS, read at each handshake (a reload swaps it).
+    pub tls: Arc<LiveTls>,
     /// The nodes, to open node streams.
     pub nodes: Arc<Nodes>,
     /// Users' home nodes.
@@ -367,7 +367,7 @@ impl ClientConnection {
             header_sent: false,
         };
         let acceptor = if a.direct_tls {
-            TlsAcceptor::from(self.ctx.tls.direct.clone())
+            TlsAcceptor::from(self.ctx.tls.direct.load_full())
         } else {
             // Plain stream: header, features with STARTTLS required, <starttls/>.
             let hdr = self.expect_header(&mut plain).await?;
@@ -395,7 +395,7 @@ impl ClientConnection {
                     .await);
             }
             self.send(&mut plain, stream::PROCEED.as_bytes()).await?;
-            TlsAcceptor::from(self.ctx.tls.starttls.clone())
+            TlsAcceptor::from(self.ctx.tls.starttls.load_full())
         };
         let tls =
             match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(plain.io))
