@@ -18,6 +18,8 @@
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,
 //!   stream and error builders.
 //! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
+//! - [`proxy_protocol`] — PROXY protocol v2 headers towards nodes that
+//!   want the client's address.
 //! - [`upstream`] — node addresses (host:port, DNS SRV), node streams, the
 //!   mechanisms learned from the nodes.
 //! - [`route`] — user assignment (home node) and who serves each home now.
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod node;
 pub mod prometheus;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod route;
 pub mod signals;

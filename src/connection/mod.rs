@@ -298,6 +298,8 @@ pub struct ClientConnection {
     shutdown: watch::Receiver<bool>,
     /// End of the pre-auth allowance (until the `<auth>` is forwarded).
     deadline: Instant,
+    /// The client's address (sent to nodes that take a PROXY header).
+    peer: Option<SocketAddr>,
 }
 
 impl ClientConnection {
@@ -309,6 +311,7 @@ impl ClientConnection {
             ctx,
             shutdown,
             deadline,
+            peer: None,
         }
     }
 
@@ -327,6 +330,7 @@ impl ClientConnection {
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         self.deadline = Instant::now() + ctx.limits.pre_auth_timeout;
+        self.peer = Some(accepted.peer);
         let end = self.serve(accepted).instrument(span.clone()).await;
         ctx.tracker.on_close(self.id);
         ctx.metrics
@@ -613,7 +617,12 @@ impl ClientConnection {
         let mut node = match self
             .ctx
             .nodes
-            .open(target, &o.domain, limits.upstream_connect_timeout)
+            .open_from(
+                target,
+                &o.domain,
+                limits.upstream_connect_timeout,
+                self.peer,
+            )
             .await
         {
             Ok(n) => n,
