@@ -64,7 +64,7 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-/// The admin HTTP API and status page (see [`crate::admin`]).
+/// The admin HTTP API and status page (the `admin` module).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -203,6 +203,11 @@ pub struct NodeConfig {
     /// `srm.heartbeat_interval`.
     #[serde(default)]
     pub heartbeat: HeartbeatKind,
+    /// Start every connection to the node with a PROXY protocol v2 header:
+    /// the client's address for relayed logins, `LOCAL` for heartbeats and
+    /// probes. Only for nodes (or load balancers) that expect it.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// Services the node cannot serve users without: when one stays down
     /// for `srm.critical_service_delay`, the node's users fail over.
     #[serde(default)]

@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::group::GroupStatus;
 use crate::group::{NodeId, NodeState};
 use crate::proxy::Proxy;
-use crate::proxy::ProxyView;
 use crate::sim::{ClientTls, SimClient, SimNodeConfig, SimPair};
+use crate::view::ProxyView;
 
 const DOMAIN: &str = "example.com";
 const WAIT: Duration = Duration::from_secs(10);

@@ -18,6 +18,8 @@
 //! - [`xmpp`] — the sans-IO framer, stanza peeks, SASL identification,
 //!   stream and error builders.
 //! - [`tls`] — client-facing TLS (SNI, ALPN) and development certificates.
+//! - [`proxy_protocol`] — PROXY protocol v2 headers towards nodes that
+//!   want the client's address.
 //! - [`upstream`] — node addresses (host:port, DNS SRV), node streams, the
 //!   mechanisms learned from the nodes.
 //! - [`route`] — user assignment (home node) and who serves each home now.
@@ -30,8 +32,14 @@
 //!   its stanza hooks.
 //! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
 //!   read-only [`proxy::ProxyView`] for the outside.
+//! - [`view`] — [`view::ProxyView`], what the outside may see and ask of a
+//!   running proxy.
 //! - [`admin`] — the admin HTTP API, status page and CLI client over a
 //!   [`proxy::ProxyView`]; an outer layer that [`proxy`] only starts.
+//! - [`reload`] — live reload of the configuration (certificates, limits,
+//!   pacer, re-login bounds), validated first.
+//! - [`prometheus`] — the counters in the Prometheus text format, read at
+//!   scrape time from a [`proxy::ProxyView`].
 //! - [`sim`] — (feature `sim`) a simulated IM&P node pair and client, for
 //!   the demo, the tests and the benchmarks.
 //! - [`demo`] — (feature `sim`) the built-in demonstration.
@@ -48,7 +56,10 @@ pub mod jid;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod prometheus;
 pub mod proxy;
+pub mod proxy_protocol;
+pub mod reload;
 pub mod route;
 pub mod signals;
 #[cfg(feature = "sim")]
@@ -56,6 +67,7 @@ pub mod sim;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
+pub mod view;
 pub mod xmpp;
 
 pub use config::Config;

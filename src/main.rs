@@ -33,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy with a configuration file.
+    /// Run the proxy with a configuration file (SIGHUP reloads it,
+    /// SIGTERM/SIGINT drain and stop, SIGUSR1/SIGUSR2 are ignored).
     Run {
         /// The TOML configuration.
         #[arg(short, long)]
@@ -165,7 +166,7 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(async {
-                let proxy = match Proxy::bind(cfg).await {
+                let proxy = match Proxy::bind_with_path(cfg, Some(config.clone())).await {
                     Ok(p) => p,
                     Err(prg_proxy::proxy::StartError::Config(e)) => {
                         eprintln!("prg-proxy: {}: {e}", config.display());
@@ -176,6 +177,17 @@ fn main() -> ExitCode {
                         return ExitCode::from(EX_UNAVAILABLE);
                     }
                 };
+                let view = proxy.view();
+                let reload = move || match view.reload() {
+                    Ok(report) => tracing::info!(%report, "configuration reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "configuration reload refused; the running configuration stays in force"
+                    ),
+                };
+                if let Err(e) = prg_proxy::signals::handle_reload_signals(reload) {
+                    tracing::warn!(error = %e, "cannot handle SIGHUP: reload by signal is off");
+                }
                 proxy.run(prg_proxy::signals::terminated()).await;
                 ExitCode::SUCCESS
             })

@@ -9,10 +9,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{error, info, warn};
@@ -21,11 +23,12 @@ use crate::config::{Config, ConfigError};
 use crate::connection::{Accepted, ClientConnection, ConnContext};
 use crate::failover::{self, Admission, FailoverContext, Hints, Pacer};
 use crate::group::monitor::{self, MonitorContext, MoveOrder};
-use crate::group::{GroupHandle, GroupStatus, UsersCannotBeAdded};
+use crate::group::GroupHandle;
 use crate::metrics::Metrics;
 use crate::node::{NodeId, PAIR};
-use crate::route::{AssignError, Assignment, Routing};
-use crate::tls::server_tls;
+use crate::reload::Reloader;
+use crate::route::{Assignment, Routing};
+use crate::tls::{server_tls, LiveTls};
 use crate::tracker::Tracker;
 use crate::upstream::{Mechanisms, Nodes};
 
@@ -45,78 +48,12 @@ pub enum StartError {
     },
 }
 
-/// Why a user could not be added to the assignment.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddUserError {
-    /// The group is failed over (source: users cannot be added then).
-    #[error(transparent)]
-    DuringFailover(#[from] UsersCannotBeAdded),
-    /// The assignment mode or the node does not allow it.
-    #[error(transparent)]
-    Assignment(#[from] crate::route::AddUserError),
-    /// Not a valid bare JID (RFC 7622).
-    #[error(transparent)]
-    Jid(#[from] crate::jid::JidError),
-}
-
-/// What the outside (the admin surface, the demo, tests) may see and ask:
-/// the group's view and operations, the tracker, the assignment, counters.
-#[derive(Clone)]
-pub struct ProxyView {
-    /// The validated configuration.
-    pub config: Arc<Config>,
-    /// The group: its view and the administrator's operations.
-    pub group: Arc<GroupHandle>,
-    /// JSM sessions.
-    pub tracker: Arc<Tracker>,
-    /// Users' home nodes.
-    pub assignment: Arc<Assignment>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
-    /// The SASL mechanisms offered to clients.
-    pub mechanisms: Arc<Mechanisms>,
-    /// Re-login hints and the login pacer (rates, slots, counters).
-    pub hints: Arc<Hints>,
-}
-
-impl ProxyView {
-    /// The redundancy group's current view, updated after every change.
-    pub fn group_status(&self) -> watch::Receiver<GroupStatus> {
-        self.group.subscribe()
-    }
-
-    /// A user's home node (`bare` is normalised first; an invalid JID has
-    /// no home).
-    pub fn home(&self, bare: &str) -> Result<NodeId, AssignError> {
-        let key = crate::jid::normalize_bare(bare)
-            .map_err(|_| AssignError::NotAssigned(bare.to_string()))?;
-        self.assignment.home(&key)
-    }
-
-    /// The node with this configured name.
-    pub fn node_named(&self, name: &str) -> Option<NodeId> {
-        NodeId::ALL
-            .into_iter()
-            .zip(&self.config.nodes)
-            .find(|(_, n)| n.name == name)
-            .map(|(id, _)| id)
-    }
-
-    /// Adds a user to the assignment (balanced: pins the user's home;
-    /// `none`: lets the user log in). Refused while a node of the group is
-    /// failed over or users are moving, as the source requires.
-    pub fn add_user(&self, bare: &str, node: NodeId) -> Result<(), AddUserError> {
-        let bare = crate::jid::normalize_bare(bare)?;
-        self.group.can_add_users()?;
-        self.assignment.add(&bare, node)?;
-        info!(user = %bare, node = %self.config.nodes.get(node.index()).map_or("", |n| n.name.as_str()), "user added to the assignment");
-        Ok(())
-    }
-}
+pub use crate::view::{AddUserError, ProxyView};
 
 /// A bound, not yet running proxy.
 pub struct Proxy {
-    conn: Arc<ConnContext>,
+    /// Swapped by a reload; each accepted connection takes the current one.
+    conn: Arc<ArcSwap<ConnContext>>,
     monitor: MonitorContext,
     failover: FailoverContext,
     orders: mpsc::UnboundedReceiver<MoveOrder>,
@@ -131,8 +68,17 @@ impl Proxy {
     /// Loads everything the config names (certificates, assignment file),
     /// then binds the listeners. Nothing is bound if anything is wrong.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        Proxy::bind_with_path(config, None).await
+    }
+
+    /// [`Proxy::bind`] for a configuration read from `path`: a reload
+    /// (SIGHUP, [`ProxyView::reload`]) reads that file again.
+    pub async fn bind_with_path(
+        config: Config,
+        path: Option<PathBuf>,
+    ) -> Result<Proxy, StartError> {
         config.validate()?;
-        let tls = server_tls(&config.tls)?;
+        let tls = Arc::new(LiveTls::new(server_tls(&config.tls)?));
         let overrides = config
             .load_assignment_overrides()?
             .into_iter()
@@ -169,7 +115,7 @@ impl Proxy {
         let conn = Arc::new(ConnContext {
             limits: config.limits.clone(),
             domains: config.group.domains.clone(),
-            tls,
+            tls: tls.clone(),
             nodes: nodes.clone(),
             assignment: assignment.clone(),
             routing: routing.clone(),
@@ -200,7 +146,16 @@ impl Proxy {
             // covers a batch already pending when the eviction came.
             eviction_timeout: config.limits.write_timeout * 2 + Duration::from_secs(1),
         };
+        let conn = Arc::new(ArcSwap::new(conn));
+        let reloader = Arc::new(Reloader::new(
+            path,
+            conn.clone(),
+            config.clone(),
+            tls,
+            hints.clone(),
+        ));
         let view = ProxyView {
+            reloader,
             config,
             group,
             tracker,
@@ -258,7 +213,7 @@ impl Proxy {
             next_conn,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let max = conn.limits.max_connections;
+        let max = conn.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
 
         let evictor = failover::spawn(failover, orders);
@@ -279,7 +234,8 @@ impl Proxy {
                 })
                 .await;
         };
-        let _ = tokio::time::timeout(conn.limits.upstream_connect_timeout, first_round).await;
+        let _ =
+            tokio::time::timeout(conn.load().limits.upstream_connect_timeout, first_round).await;
 
         let mut accepts = Vec::new();
         for (listener, direct) in [(starttls, false), (direct, true)] {
@@ -307,7 +263,7 @@ impl Proxy {
             a.abort();
         }
         let _ = stop_tx.send(true);
-        let grace = conn.limits.shutdown_grace;
+        let grace = conn.load().limits.shutdown_grace;
         let drained = tokio::time::timeout(grace, slots.acquire_many(max as u32)).await;
         match drained {
             Ok(_) => info!("all connections closed"),
@@ -323,7 +279,7 @@ impl Proxy {
 async fn accept_loop(
     listener: TcpListener,
     direct: bool,
-    ctx: Arc<ConnContext>,
+    ctx: Arc<ArcSwap<ConnContext>>,
     slots: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
     next_conn: Arc<AtomicU64>,
@@ -348,11 +304,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The settings in force now, kept to the connection's end.
+        let ctx = ctx.load_full();
         ctx.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
-        let conn = ClientConnection::new(id, ctx.clone(), stop.clone());
+        let conn = ClientConnection::new(id, ctx, stop.clone());
         let accepted = Accepted {
             tcp,
             peer,

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
@@ -75,6 +76,32 @@ pub struct ServerTls {
     pub starttls: Arc<rustls::ServerConfig>,
     /// For the direct-TLS listener (ALPN `xmpp-client`).
     pub direct: Arc<rustls::ServerConfig>,
+}
+
+/// The client-facing TLS configurations in use, swapped whole by a reload.
+/// Each handshake reads the current one; handshakes in flight finish on the
+/// configuration they started with.
+pub struct LiveTls {
+    /// For STARTTLS upgrades on the plain listener.
+    pub starttls: ArcSwap<rustls::ServerConfig>,
+    /// For the direct-TLS listener (ALPN `xmpp-client`).
+    pub direct: ArcSwap<rustls::ServerConfig>,
+}
+
+impl LiveTls {
+    /// Serves `tls` until the next [`LiveTls::store`].
+    pub fn new(tls: ServerTls) -> LiveTls {
+        LiveTls {
+            starttls: ArcSwap::new(tls.starttls),
+            direct: ArcSwap::new(tls.direct),
+        }
+    }
+
+    /// Serves `tls` from the next handshake on.
+    pub fn store(&self, tls: ServerTls) {
+        self.starttls.store(tls.starttls);
+        self.direct.store(tls.direct);
+    }
 }
 
 /// Builds both server configurations from `[tls]`.

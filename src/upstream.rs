@@ -93,6 +93,8 @@ pub struct Upstream {
     tls: UpstreamTls,
     connector: Option<TlsConnector>,
     server_name: String,
+    /// Send a PROXY protocol v2 header first.
+    proxy_protocol: bool,
 }
 
 /// An open stream to a node, after its first `<stream:features>`.
@@ -158,18 +160,32 @@ impl Nodes {
         &self.domain
     }
 
-    /// Opens a stream to `id` for `domain` (see [`Upstream::open`]).
+    /// Opens a stream to `id` for `domain` (see [`Upstream::open`]) for the
+    /// proxy itself (heartbeats, probes).
     pub async fn open(
         &self,
         id: NodeId,
         domain: &str,
         timeout: Duration,
     ) -> Result<NodeStream, UpstreamError> {
+        self.open_from(id, domain, timeout, None).await
+    }
+
+    /// Opens a stream to `id` for `domain` on behalf of the client at
+    /// `client` (`None`: the proxy's own), whose address a node with
+    /// `proxy_protocol` learns from the PROXY v2 header.
+    pub async fn open_from(
+        &self,
+        id: NodeId,
+        domain: &str,
+        timeout: Duration,
+        client: Option<SocketAddr>,
+    ) -> Result<NodeStream, UpstreamError> {
         let u = self.get(id).ok_or_else(|| UpstreamError::Protocol {
             node: id.to_string(),
             what: "not configured".into(),
         })?;
-        u.open(&self.dns, domain, self.max_stanza_bytes, timeout)
+        u.open(&self.dns, domain, self.max_stanza_bytes, timeout, client)
             .await
     }
 
@@ -368,6 +384,7 @@ impl Upstream {
             tls: n.tls,
             connector,
             server_name,
+            proxy_protocol: n.proxy_protocol,
         })
     }
 
@@ -399,8 +416,9 @@ impl Upstream {
         domain: &str,
         max_bytes: usize,
         timeout: Duration,
+        client: Option<SocketAddr>,
     ) -> Result<NodeStream, UpstreamError> {
-        tokio::time::timeout(timeout, self.open_inner(dns, domain, max_bytes))
+        tokio::time::timeout(timeout, self.open_inner(dns, domain, max_bytes, client))
             .await
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Timeout {
@@ -415,6 +433,7 @@ impl Upstream {
         dns: &Dns,
         domain: &str,
         max_bytes: usize,
+        client: Option<SocketAddr>,
     ) -> Result<NodeStream, UpstreamError> {
         let addrs = self.resolve(dns).await?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
@@ -435,6 +454,12 @@ impl Upstream {
             });
         };
         let _ = tcp.set_nodelay(true);
+        let mut tcp = tcp;
+        if self.proxy_protocol {
+            tcp.write_all(&crate::proxy_protocol::header(client, addr))
+                .await
+                .map_err(|e| self.protocol(&format!("write PROXY header: {e}")))?;
+        }
         let mut buf = BytesMut::with_capacity(4096);
         let mut framer = Framer::new(max_bytes);
         let (io, header, features): (BoxStream, _, _) = match self.tls {

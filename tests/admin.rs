@@ -434,3 +434,40 @@ async fn the_api_can_be_switched_off_and_a_taken_port_is_a_start_error() {
         Ok(_) => panic!("started an open admin API without a token"),
     }
 }
+
+/// `GET /metrics` serves the Prometheus text format, parseable, with the
+/// sessions of a user who logged in counted on its node.
+#[tokio::test]
+async fn metrics_are_served_in_the_prometheus_text_format() {
+    let mut g = start("active-standby", "").await;
+    let _alice = g.login("alice", "PLAIN", "desk").await;
+    let r = reqwest::get(format!("{}/metrics", base(&g)))
+        .await
+        .expect("request sent");
+    assert_eq!(r.status().as_u16(), 200);
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ctype.starts_with("application/openmetrics-text") || ctype.starts_with("text/plain"),
+        "{ctype}"
+    );
+    let text = r.text().await.expect("body");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("parses");
+    let sessions = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric.contains("sessions") && s.labels.get("node") == Some("imp1"))
+        .unwrap_or_else(|| panic!("no sessions sample for imp1 in\n{text}"));
+    match sessions.value {
+        prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => {
+            assert_eq!(v, 1.0)
+        }
+        ref other => panic!("{other:?}"),
+    }
+    g.stop().await;
+}

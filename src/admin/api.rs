@@ -18,7 +18,7 @@ use crate::control::Eviction;
 use crate::failover::Why;
 use crate::group::{AdminError, NodeState};
 use crate::node::NodeId;
-use crate::proxy::{AddUserError, ProxyView};
+use crate::view::{AddUserError, ProxyView};
 
 /// The status page: one self-contained HTML file.
 const PAGE: &str = include_str!("page.html");
@@ -99,6 +99,7 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/users/{jid}", get(user))
         .merge(mutating)
         .fallback(not_found)
@@ -280,6 +281,15 @@ pub(super) fn status_json(st: &AdminState) -> Value {
         },
         "moves": st.sampler.moves(),
     })
+}
+
+/// The counters in the Prometheus text format.
+async fn metrics(State(st): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::prometheus::CONTENT_TYPE)],
+        crate::prometheus::render(&st.view),
+    )
+        .into_response()
 }
 
 async fn status(State(st): St) -> Json<Value> {

@@ -4,7 +4,7 @@
 //! `127.0.0.1:20075`) and an optional `token`. On a non-loopback address a
 //! token is required (the proxy refuses to start, naming `admin.token`).
 //! The listener is bound with the client listeners, so a port clash is a
-//! start error ([`crate::proxy::Proxy::admin_addr`] gives the bound address).
+//! start error (`Proxy::admin_addr` gives the bound address).
 //!
 //! # Routes
 //!
@@ -54,7 +54,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::proxy::ProxyView;
+use crate::view::ProxyView;
 
 /// Serves the API on `listener` until `stop` turns true, sampling logins
 /// and recording moves meanwhile.

@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use crate::failover::Why;
 use crate::group::Move;
 use crate::node::{NodeId, PAIR};
-use crate::proxy::ProxyView;
+use crate::view::ProxyView;
 
 /// Seconds of per-second login counts kept per node and per move.
 pub const HISTORY: usize = 120;

@@ -49,7 +49,7 @@ use crate::group::GroupHandle;
 use crate::metrics::Metrics;
 use crate::node::NodeId;
 use crate::route::{AssignError, Assignment, Routing};
-use crate::tls::ServerTls;
+use crate::tls::LiveTls;
 use crate::tracker::Tracker;
 use crate::upstream::{BoxStream, Mechanisms, NodeStream, Nodes, UpstreamError};
 use crate::xmpp::framer::{FrameError, FrameKind, Framer};
@@ -63,8 +63,8 @@ pub struct ConnContext {
     pub limits: LimitsConfig,
     /// The served domains; the first is the default.
     pub domains: Vec<String>,
-    /// Client-facing TLS.
-    pub tls: ServerTls,
+    /// Client-facing TLS, read at each handshake (a reload swaps it).
+    pub tls: Arc<LiveTls>,
     /// The nodes, to open node streams.
     pub nodes: Arc<Nodes>,
     /// Users' home nodes.
@@ -298,6 +298,8 @@ pub struct ClientConnection {
     shutdown: watch::Receiver<bool>,
     /// End of the pre-auth allowance (until the `<auth>` is forwarded).
     deadline: Instant,
+    /// The client's address (sent to nodes that take a PROXY header).
+    peer: Option<SocketAddr>,
 }
 
 impl ClientConnection {
@@ -309,6 +311,7 @@ impl ClientConnection {
             ctx,
             shutdown,
             deadline,
+            peer: None,
         }
     }
 
@@ -327,6 +330,7 @@ impl ClientConnection {
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
         self.deadline = Instant::now() + ctx.limits.pre_auth_timeout;
+        self.peer = Some(accepted.peer);
         let end = self.serve(accepted).instrument(span.clone()).await;
         ctx.tracker.on_close(self.id);
         ctx.metrics
@@ -367,7 +371,7 @@ impl ClientConnection {
             header_sent: false,
         };
         let acceptor = if a.direct_tls {
-            TlsAcceptor::from(self.ctx.tls.direct.clone())
+            TlsAcceptor::from(self.ctx.tls.direct.load_full())
         } else {
             // Plain stream: header, features with STARTTLS required, <starttls/>.
             let hdr = self.expect_header(&mut plain).await?;
@@ -395,7 +399,7 @@ impl ClientConnection {
                     .await);
             }
             self.send(&mut plain, stream::PROCEED.as_bytes()).await?;
-            TlsAcceptor::from(self.ctx.tls.starttls.clone())
+            TlsAcceptor::from(self.ctx.tls.starttls.load_full())
         };
         let tls =
             match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(plain.io))
@@ -613,7 +617,12 @@ impl ClientConnection {
         let mut node = match self
             .ctx
             .nodes
-            .open(target, &o.domain, limits.upstream_connect_timeout)
+            .open_from(
+                target,
+                &o.domain,
+                limits.upstream_connect_timeout,
+                self.peer,
+            )
             .await
         {
             Ok(n) => n,

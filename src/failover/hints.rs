@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
@@ -214,9 +215,9 @@ pub struct HintStats {
 /// Plans and issues re-login hints.
 #[derive(Debug)]
 pub struct Hints {
-    cfg: FailoverConfig,
+    cfg: ArcSwap<FailoverConfig>,
     /// Per node: its configured re-login limits.
-    limits: Vec<(Duration, Duration)>,
+    limits: ArcSwap<Vec<(Duration, Duration)>>,
     node_names: Vec<String>,
     pacer: Arc<Pacer>,
     /// Per node: the spread of the connections that lost it.
@@ -226,6 +227,15 @@ pub struct Hints {
     pub stats: HintStats,
 }
 
+/// Per node: its `[relogin_lower, relogin_upper]`.
+fn relogin_limits(config: &Config) -> Vec<(Duration, Duration)> {
+    config
+        .nodes
+        .iter()
+        .map(|n| (n.relogin_lower, n.relogin_upper))
+        .collect()
+}
+
 /// A node-lost spread is reused for connections lost within this time.
 const INCIDENT: Duration = Duration::from_secs(30);
 
@@ -233,12 +243,8 @@ impl Hints {
     /// Hints for the configured nodes, recording slots in `pacer`.
     pub fn new(config: &Config, pacer: Arc<Pacer>) -> Hints {
         Hints {
-            cfg: config.failover.clone(),
-            limits: config
-                .nodes
-                .iter()
-                .map(|n| (n.relogin_lower, n.relogin_upper))
-                .collect(),
+            cfg: ArcSwap::from_pointee(config.failover.clone()),
+            limits: ArcSwap::from_pointee(relogin_limits(config)),
             node_names: config.nodes.iter().map(|n| n.name.clone()).collect(),
             pacer,
             lost: (0..PAIR).map(|_| Mutex::new(None)).collect(),
@@ -247,10 +253,17 @@ impl Hints {
         }
     }
 
+    /// Takes the `[failover]` settings and the nodes' re-login limits of a
+    /// reloaded configuration (plans made before keep theirs).
+    pub fn update(&self, config: &Config) {
+        self.cfg.store(Arc::new(config.failover.clone()));
+        self.limits.store(Arc::new(relogin_limits(config)));
+    }
+
     /// How a stream that a move ends is closed: `<see-other-host>` naming
     /// the proxy when `failover.redirect` is set, else `condition`.
     pub fn eviction(&self, h: &Relogin, condition: &str, text: &str) -> String {
-        match &self.cfg.redirect {
+        match &self.cfg.load().redirect {
             Some(host) => h.redirect(host, text),
             None => h.stream_error(condition, text),
         }
@@ -258,7 +271,7 @@ impl Hints {
 
     /// How long a refused login waits before it is told.
     pub fn refuse_delay(&self) -> Duration {
-        self.cfg.refuse_delay
+        self.cfg.load().refuse_delay
     }
 
     /// The pacer the slots go to.
@@ -271,8 +284,9 @@ impl Hints {
     }
 
     fn limits_of(&self, n: NodeId) -> (Duration, Duration) {
-        let i = n.index().min(self.limits.len().saturating_sub(1));
-        self.limits
+        let limits = self.limits.load();
+        let i = n.index().min(limits.len().saturating_sub(1));
+        limits
             .get(i)
             .copied()
             .unwrap_or((Duration::from_secs(120), Duration::from_secs(537)))
@@ -281,7 +295,13 @@ impl Hints {
     /// The window for `n` users logging in to `target`.
     pub fn window(&self, target: NodeId, n: usize) -> Window {
         let (lower, upper) = self.limits_of(target);
-        plan::window(self.cfg.window, n, self.pacer.rate(target), lower, upper)
+        plan::window(
+            self.cfg.load().window,
+            n,
+            self.pacer.rate(target),
+            lower,
+            upper,
+        )
     }
 
     /// One hint per user of a move of `users` to `target` (`None`: no node
@@ -366,7 +386,7 @@ impl Hints {
             slot.get_or_insert_with(|| {
                 let w = Window {
                     lower: Duration::ZERO,
-                    upper: self.cfg.shutdown_spread,
+                    upper: self.cfg.load().shutdown_spread,
                 };
                 Arc::new(Spread::new(now, w, active.max(1)))
             })

@@ -121,6 +121,13 @@ impl NodePacer {
         self.rate
     }
 
+    /// Takes new parameters (a configuration reload); the current rate is
+    /// kept within the new bounds.
+    pub fn set_params(&mut self, p: PacerParams) {
+        self.p = p;
+        self.rate = self.rate.clamp(p.min_rate, p.max_rate);
+    }
+
     /// The node's unloaded login latency, once measured.
     pub fn base_latency(&self) -> Option<Duration> {
         self.base.map(Duration::from_secs_f64)
@@ -324,6 +331,17 @@ impl Pacer {
 
     fn state(&self, n: NodeId) -> std::sync::MutexGuard<'_, NodePacer> {
         self.gate(n).state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the pacer settings of a reloaded `[failover]` for every node.
+    pub fn set_params(&self, cfg: &FailoverConfig) {
+        let p = PacerParams::from(cfg);
+        for g in &self.nodes {
+            g.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_params(p);
+        }
     }
 
     /// The rate the pacer admits at `node` now.

@@ -170,6 +170,7 @@ pub struct SimClient {
     jid: Option<String>,
     next_id: u64,
     closed: bool,
+    local: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for SimClient {
@@ -206,7 +207,9 @@ impl SimClient {
     ) -> Result<SimClient, ClientError> {
         let tcp = TcpStream::connect(addr).await?;
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
         let mut c = SimClient {
+            local,
             io: Box::new(tcp),
             framer: Framer::new(MAX_STANZA),
             domain: domain.to_owned(),
@@ -335,6 +338,11 @@ impl SimClient {
     /// Raw XML of the latest `<stream:features>`.
     pub fn features_raw(&self) -> &str {
         &self.features
+    }
+
+    /// The client's own address on its connection to the proxy.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
     }
 
     /// The bound full JID, once bound.

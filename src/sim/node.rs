@@ -250,6 +250,9 @@ pub struct SimNodeConfig {
     pub scram_iterations: u32,
     /// Login capacity; `None` (the default): logins are limited only by the CPU.
     pub login_capacity: Option<LoginCapacity>,
+    /// Expect a PROXY protocol v2 header on every connection (a connection
+    /// without one is dropped) and record the client addresses it names.
+    pub proxy_protocol: bool,
 }
 
 impl SimNodeConfig {
@@ -273,6 +276,7 @@ impl SimNodeConfig {
             max_stanza_bytes: 262_144,
             scram_iterations: 4096,
             login_capacity: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -346,6 +350,11 @@ struct Shared {
     accept_task: Mutex<Option<JoinHandle<()>>>,
     kill_tx: watch::Sender<u64>,
     hang_tx: watch::Sender<bool>,
+    proxy_protocol: bool,
+    /// Client addresses learned from PROXY headers, in arrival order.
+    client_addrs: Mutex<Vec<SocketAddr>>,
+    /// `LOCAL` PROXY headers received (the proxy's own connections).
+    local_headers: AtomicU64,
 }
 
 /// A running simulated node. Cheap to clone (shared state inside).
@@ -424,6 +433,9 @@ impl SimNode {
             accept_task: Mutex::new(None),
             kill_tx: watch::Sender::new(0),
             hang_tx: watch::Sender::new(false),
+            proxy_protocol: cfg.proxy_protocol,
+            client_addrs: Mutex::new(Vec::new()),
+            local_headers: AtomicU64::new(0),
         });
         let node = SimNode { inner };
         node.spawn_accept();
@@ -450,6 +462,17 @@ impl SimNode {
     /// The served domain.
     pub fn domain(&self) -> &str {
         &self.inner.domain
+    }
+
+    /// The client addresses the node learned from PROXY protocol headers
+    /// (with [`SimNodeConfig::proxy_protocol`]), one per relayed connection.
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        lock(&self.inner.client_addrs).clone()
+    }
+
+    /// `LOCAL` PROXY headers received (heartbeats and probes).
+    pub fn local_headers(&self) -> u64 {
+        self.inner.local_headers.load(Ordering::Relaxed)
     }
 
     /// Number of resources bound on this node now.
@@ -566,10 +589,23 @@ async fn accept_loop(shared: Arc<Shared>) {
             _ = hang.changed() => continue,
         };
         match accepted {
-            Ok((tcp, _)) => {
+            Ok((mut tcp, _)) => {
                 let _ = tcp.set_nodelay(true);
-                let conn = Conn::new(shared.clone(), tcp);
-                tokio::spawn(conn.run());
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if shared.proxy_protocol {
+                        use crate::proxy_protocol::{read_header, Received};
+                        match read_header(&mut tcp, Duration::from_secs(10)).await {
+                            Ok(Received::Proxy(a)) => lock(&shared.client_addrs).push(a),
+                            Ok(Received::Local) => {
+                                shared.local_headers.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // No header: not from a PROXY-speaking peer.
+                            Err(_) => return,
+                        }
+                    }
+                    Conn::new(shared, tcp).run().await
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,

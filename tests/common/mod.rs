@@ -118,8 +118,19 @@ impl TestGroup {
 
     /// Binds a proxy with the config `text` in front of `pair` and runs it.
     pub async fn launch(pair: SimPair, certs: Certs, text: &str) -> TestGroup {
+        Self::launch_with_path(pair, certs, text, None).await
+    }
+
+    /// [`TestGroup::launch`] remembering `path` as the proxy's config file
+    /// (what a reload reads again).
+    pub async fn launch_with_path(
+        pair: SimPair,
+        certs: Certs,
+        text: &str,
+        path: Option<std::path::PathBuf>,
+    ) -> TestGroup {
         let config = Config::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-        let proxy = Proxy::bind(config).await.unwrap();
+        let proxy = Proxy::bind_with_path(config, path).await.unwrap();
         let starttls = proxy.starttls_addr().unwrap();
         let direct = proxy.direct_tls_addr().unwrap();
         let admin = proxy.admin_addr();
