@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use super::pacer::Pacer;
 use super::plan::{self, Window};
-use crate::config::{Config, FailoverConfig};
+use crate::config::{Config, FailoverConfig, WindowMode};
 use crate::group::Reason;
 use crate::node::{NodeId, PAIR};
 use crate::xmpp::stream;
@@ -236,6 +236,9 @@ fn relogin_limits(config: &Config) -> Vec<(Duration, Duration)> {
         .collect()
 }
 
+/// How far above a fixed window's planned rate the pacer may admit.
+const PLAN_MARGIN: f64 = 1.05;
+
 /// A node-lost spread is reused for connections lost within this time.
 const INCIDENT: Duration = Duration::from_secs(30);
 
@@ -292,6 +295,16 @@ impl Hints {
             .unwrap_or((Duration::from_secs(120), Duration::from_secs(537)))
     }
 
+    /// In a fixed window the plan is the rate: the pacer admits the moved
+    /// users no faster than planned (a little above it, for the jitter)
+    /// until the window ends.
+    fn hold_to_plan(&self, target: NodeId, now: Instant, w: Window, n: usize) {
+        if self.cfg.load().window == WindowMode::Fixed && !w.is_empty() {
+            let rate = w.planned_rate(n) * PLAN_MARGIN;
+            self.pacer.plan(target, rate, now + w.upper);
+        }
+    }
+
     /// The window for `n` users logging in to `target`.
     pub fn window(&self, target: NodeId, n: usize) -> Window {
         let (lower, upper) = self.limits_of(target);
@@ -322,6 +335,9 @@ impl Hints {
                 Window { lower, upper }
             }
         };
+        if let Some(t) = target {
+            self.hold_to_plan(t, now, w, users.len());
+        }
         let slots = plan::stratified(users.len(), w, &mut rand::thread_rng());
         self.stats
             .issued
@@ -355,7 +371,9 @@ impl Hints {
                 Some(s) if s.fresh(now, INCIDENT) => s.clone(),
                 _ => {
                     let n = users_on_node.max(1);
-                    let s = Arc::new(Spread::new(now, self.window(target, n), n));
+                    let w = self.window(target, n);
+                    self.hold_to_plan(target, now, w, n);
+                    let s = Arc::new(Spread::new(now, w, n));
                     *slot = Some(s.clone());
                     s
                 }

@@ -69,8 +69,12 @@ const SLOW_START: f64 = 1.5;
 const DELIVERED_SHARE: f64 = 0.95;
 /// Rate growth per interval after it, as a share of the rate.
 const ADDITIVE: f64 = 0.04;
-/// Tokens never pile up beyond this many seconds' worth (at least one).
+/// Tokens never pile up beyond this many seconds' worth...
 const BURST: f64 = 0.05;
+/// ... or two tokens, so that two stratified slots that happen to fall
+/// close together (the end of one stratum, the start of the next) are
+/// both let in at once.
+const MIN_BURST: f64 = 2.0;
 
 /// One node's pacing state. Pure: every method takes the time.
 #[derive(Debug, Clone)]
@@ -93,6 +97,9 @@ pub struct NodePacer {
     overloads: u32,
     /// A login waited for a token in this interval.
     limited: bool,
+    /// A fixed re-login window's planned rate, in force until its end:
+    /// tokens never accrue faster, so the node sees the plan.
+    plan: Option<(f64, Instant)>,
 }
 
 impl NodePacer {
@@ -111,6 +118,7 @@ impl NodePacer {
             samples: 0,
             overloads: 0,
             limited: false,
+            plan: None,
         };
         n.tokens = n.burst();
         n
@@ -134,7 +142,27 @@ impl NodePacer {
     }
 
     fn burst(&self) -> f64 {
-        (self.rate * BURST).max(1.0)
+        (self.rate * BURST).max(MIN_BURST)
+    }
+
+    /// The rate tokens accrue at now: the adaptive rate, capped by a fixed
+    /// window's plan while it lasts.
+    fn effective_rate(&self, now: Instant) -> f64 {
+        match self.plan {
+            Some((r, until)) if now < until => self.rate.min(r),
+            _ => self.rate,
+        }
+    }
+
+    /// Caps the rate at `rate` until `until` (a fixed window's plan; a
+    /// later plan replaces an earlier one, the higher rate wins while both
+    /// last).
+    pub fn plan(&mut self, now: Instant, rate: f64, until: Instant) {
+        let rate = match self.plan {
+            Some((r, u)) if now < u => r.max(rate),
+            _ => rate,
+        };
+        self.plan = Some((rate.max(self.p.min_rate), until));
     }
 
     /// Adds the tokens accrued since the last call.
@@ -144,7 +172,8 @@ impl NodePacer {
             .saturating_duration_since(self.last_refill)
             .as_secs_f64();
         self.last_refill = self.last_refill.max(now);
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst());
+        let rate = self.effective_rate(now);
+        self.tokens = (self.tokens + dt * rate).min((rate * BURST).max(MIN_BURST));
     }
 
     /// Takes up to `want` whole tokens for waiting logins; returns how many.
@@ -171,7 +200,7 @@ impl NodePacer {
     /// How long `queued` logins ahead plus this one wait at today's rate.
     pub fn estimate(&self, queued: usize) -> Duration {
         let ahead = (queued as f64 + 1.0 - self.tokens).max(0.0);
-        Duration::from_secs_f64(ahead / self.rate)
+        Duration::from_secs_f64(ahead / self.effective_rate(self.last_refill))
     }
 
     /// A login completed at the node in `latency`.
@@ -347,6 +376,11 @@ impl Pacer {
     /// The rate the pacer admits at `node` now.
     pub fn rate(&self, node: NodeId) -> f64 {
         self.state(node).rate()
+    }
+
+    /// A fixed window's plan for `node`: no faster than `rate` until `until`.
+    pub fn plan(&self, node: NodeId, rate: f64, until: Instant) {
+        self.state(node).plan(Instant::now(), rate, until);
     }
 
     /// Logins waiting for a token at `node` now.
@@ -691,6 +725,31 @@ mod tests {
             "{slow} logins took over 10x the unloaded latency"
         );
         assert!(p.rate() > 120.0 && p.rate() < 300.0, "rate {}", p.rate());
+    }
+
+    #[test]
+    fn a_fixed_windows_plan_caps_the_rate_until_it_ends() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(
+            PacerParams {
+                initial_rate: 100.0,
+                ..params()
+            },
+            t0,
+        );
+        p.plan(t0, 10.0, t0 + Duration::from_secs(10));
+        // Everyone waiting, for 5 s: the plan's 10/s (plus the burst), not 100/s.
+        let mut got = 0;
+        for ms in (5..=5000).step_by(5) {
+            got += p.take(t0 + Duration::from_millis(ms), 10_000);
+        }
+        assert!((50..=53).contains(&got), "{got} in 5 s");
+        // After the window the pacer's own rate applies again.
+        let mut after = 0;
+        for ms in (10_005..=11_000).step_by(5) {
+            after += p.take(t0 + Duration::from_millis(ms), 10_000);
+        }
+        assert!(after > 50, "{after} in the second after the window");
     }
 
     #[test]
