@@ -169,6 +169,8 @@ struct Sim {
     n_waiting: usize,
     pacer: NodePacer,
     max_hold: f64,
+    /// `failover.refuse_delay`, in ticks.
+    refuse_delay_ticks: u64,
     hold_ticks: u32,
     grace_ticks: u32,
     /// When each node slot is free, in seconds.
@@ -253,11 +255,14 @@ impl Sim {
         let after_ticks = self.secs_to_ticks(after).max(1);
         self.users[u as usize].slot = (t + after_ticks).min(u64::from(u32::MAX)) as u32;
         self.users[u as usize].status = AWAY;
+        // The refusal is told after `refuse_delay`; an honouring client
+        // comes back at its turn, a naive one some time after being told.
+        let told = self.refuse_delay_ticks;
         let back = match self.users[u as usize].kind {
-            HONOUR => after_ticks,
+            HONOUR => after_ticks.max(told),
             _ => {
                 let d = self.retry_delay(u);
-                self.secs_to_ticks(d)
+                told + self.secs_to_ticks(d)
             }
         };
         self.schedule(t, t + back, u, EV_ARRIVE);
@@ -484,8 +489,16 @@ fn run(n: usize, mode: Mode, capacity: f64, seed: u64) -> Outcome {
         overflow: BinaryHeap::new(),
         waiting: VecDeque::new(),
         n_waiting: 0,
-        pacer: NodePacer::new(params, t0),
+        pacer: {
+            let mut p = NodePacer::new(params, t0);
+            if mode == Mode::Fixed {
+                // As the proxy does for a fixed window: the plan is the rate.
+                p.plan(t0, w.planned_rate(n), t0 + w.upper);
+            }
+            p
+        },
         max_hold: cfg.max_hold.as_secs_f64(),
+        refuse_delay_ticks: (cfg.refuse_delay.as_secs_f64() / dt).ceil() as u64,
         hold_ticks: (cfg.max_hold.as_secs_f64() / dt).ceil() as u32,
         grace_ticks: (cfg.slot_grace.as_secs_f64() / dt).ceil() as u32,
         node_free: [0.0; CONCURRENT],

@@ -236,9 +236,6 @@ fn relogin_limits(config: &Config) -> Vec<(Duration, Duration)> {
         .collect()
 }
 
-/// How far above a fixed window's planned rate the pacer may admit.
-const PLAN_MARGIN: f64 = 1.05;
-
 /// A node-lost spread is reused for connections lost within this time.
 const INCIDENT: Duration = Duration::from_secs(30);
 
@@ -296,11 +293,11 @@ impl Hints {
     }
 
     /// In a fixed window the plan is the rate: the pacer admits the moved
-    /// users no faster than planned (a little above it, for the jitter)
-    /// until the window ends.
+    /// users no faster than planned until the window ends (the token burst
+    /// absorbs the jitter inside the strata).
     fn hold_to_plan(&self, target: NodeId, now: Instant, w: Window, n: usize) {
         if self.cfg.load().window == WindowMode::Fixed && !w.is_empty() {
-            let rate = w.planned_rate(n) * PLAN_MARGIN;
+            let rate = w.planned_rate(n);
             self.pacer.plan(target, rate, now + w.upper);
         }
     }

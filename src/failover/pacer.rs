@@ -182,7 +182,8 @@ impl NodePacer {
         self.refill(now);
         let n = (self.tokens.floor().max(0.0) as usize).min(want);
         self.tokens -= n as f64;
-        if n < want {
+        // Logins waiting for a plan's cap say nothing about the node.
+        if n < want && self.effective_rate(now) >= self.rate {
             self.limited = true;
         }
         n
