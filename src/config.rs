@@ -508,7 +508,7 @@ impl Default for FailoverConfig {
             initial_rate: 50.0,
             min_rate: 2.0,
             max_rate: 2000.0,
-            latency_tolerance: 3.0,
+            latency_tolerance: 1.5,
             adjust_interval: Duration::from_millis(500),
             slot_grace: Duration::from_secs(600),
             shutdown_spread: Duration::from_secs(30),

@@ -292,9 +292,15 @@ impl Sim {
             return;
         }
         let early = slot.saturating_sub(t) as f64 * self.dt;
+        if early > self.max_hold {
+            self.refuse(u, t, early);
+            return;
+        }
         let queue = self.pacer.estimate(self.n_waiting).as_secs_f64();
         if early + queue > self.max_hold {
-            self.refuse(u, t, early.max(queue));
+            let i = self.instant(t);
+            let turn = self.pacer.turn(i, self.n_waiting).as_secs_f64();
+            self.refuse(u, t, turn.max(early));
             return;
         }
         self.users[u as usize].start = t as u32;
@@ -319,7 +325,8 @@ impl Sim {
                 // The hold ran out before a token came.
                 self.n_waiting -= 1;
                 self.users[ui].status = AWAY;
-                let again = self.pacer.estimate(self.n_waiting).max(TICK).as_secs_f64();
+                let i = self.instant(t);
+                let again = self.pacer.turn(i, self.n_waiting).max(TICK).as_secs_f64();
                 self.refuse(u, t, again);
             }
             _ => {}
@@ -470,10 +477,22 @@ fn run(n: usize, mode: Mode, capacity: f64, seed: u64) -> Outcome {
         })
         .collect();
     let w = match mode {
-        Mode::Unpaced | Mode::Fixed => {
-            plan::window(WindowMode::Fixed, n, params.initial_rate, LOWER, UPPER)
-        }
-        Mode::Adaptive => plan::window(WindowMode::Adaptive, n, params.initial_rate, LOWER, UPPER),
+        Mode::Unpaced | Mode::Fixed => plan::window(
+            WindowMode::Fixed,
+            n,
+            params.initial_rate,
+            params.max_rate,
+            LOWER,
+            UPPER,
+        ),
+        Mode::Adaptive => plan::window(
+            WindowMode::Adaptive,
+            n,
+            params.initial_rate,
+            params.max_rate,
+            LOWER,
+            UPPER,
+        ),
     };
     let ideal = n as f64 / capacity;
     let limit = 3.0 * UPPER.as_secs_f64().max(ideal) + 600.0;

@@ -192,10 +192,7 @@ impl Spread {
         let from_now = |d: Duration| d.saturating_sub(since);
         (
             from_now(at),
-            Window {
-                lower: from_now(self.window.lower),
-                upper: from_now(self.window.upper),
-            },
+            Window::flat(from_now(self.window.lower), from_now(self.window.upper)),
         )
     }
 
@@ -305,10 +302,12 @@ impl Hints {
     /// The window for `n` users logging in to `target`.
     pub fn window(&self, target: NodeId, n: usize) -> Window {
         let (lower, upper) = self.limits_of(target);
+        let cfg = self.cfg.load();
         plan::window(
-            self.cfg.load().window,
+            cfg.window,
             n,
             self.pacer.rate(target),
+            cfg.max_rate,
             lower,
             upper,
         )
@@ -329,7 +328,7 @@ impl Hints {
             Some(t) => self.window(t, users.len()),
             None => {
                 let (lower, upper) = self.limits_of(home);
-                Window { lower, upper }
+                Window::flat(lower, upper)
             }
         };
         if let Some(t) = target {
@@ -399,10 +398,7 @@ impl Hints {
         let spread = {
             let mut slot = self.shutdown.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert_with(|| {
-                let w = Window {
-                    lower: Duration::ZERO,
-                    upper: self.cfg.load().shutdown_spread,
-                };
+                let w = Window::flat(Duration::ZERO, self.cfg.load().shutdown_spread);
                 Arc::new(Spread::new(now, w, active.max(1)))
             })
             .clone()
@@ -476,10 +472,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_spread_hands_out_one_stratum_per_user() {
-        let w = Window {
-            lower: Duration::ZERO,
-            upper: Duration::from_secs(10),
-        };
+        let w = Window::flat(Duration::ZERO, Duration::from_secs(10));
         let now = Instant::now();
         let s = Spread::new(now, w, 10);
         let mut seconds: Vec<u64> = (0..10).map(|_| s.next(now).0.as_secs()).collect();

@@ -100,6 +100,9 @@ pub struct NodePacer {
     /// A fixed re-login window's planned rate, in force until its end:
     /// tokens never accrue faster, so the node sees the plan.
     plan: Option<(f64, Instant)>,
+    /// The turn after the last one given to a refused login: refused
+    /// logins get successive turns, not all the same one.
+    next_turn: Instant,
 }
 
 impl NodePacer {
@@ -119,6 +122,7 @@ impl NodePacer {
             overloads: 0,
             limited: false,
             plan: None,
+            next_turn: now,
         };
         n.tokens = n.burst();
         n
@@ -204,6 +208,16 @@ impl NodePacer {
         Duration::from_secs_f64(ahead / self.effective_rate(self.last_refill))
     }
 
+    /// The turn of a login refused because `queued` logins wait ahead of
+    /// it: after them, and after every turn already given to a refused
+    /// login, at today's rate.
+    pub fn turn(&mut self, now: Instant, queued: usize) -> Duration {
+        let at = (now + self.estimate(queued)).max(self.next_turn);
+        let step = Duration::from_secs_f64(1.0 / self.effective_rate(now));
+        self.next_turn = at + step;
+        at - now
+    }
+
     /// A login completed at the node in `latency`.
     pub fn observe_latency(&mut self, now: Instant, latency: Duration) {
         self.adjust(now);
@@ -239,7 +253,9 @@ impl NodePacer {
                 .max(1e-3);
             let delivered = f64::from(self.samples) / dt;
             let cut = self.rate * DECREASE;
-            let to = if delivered > 0.0 {
+            // What the node delivered says what it can take only when the
+            // pacer was holding logins back; otherwise it is the demand.
+            let to = if self.limited && delivered > 0.0 {
                 cut.min(delivered * DELIVERED_SHARE)
             } else {
                 cut
@@ -458,12 +474,19 @@ impl Pacer {
         };
         let g = self.gate(node);
         let early = slot.at.saturating_duration_since(start);
+        if early > max_wait {
+            // Its own turn is far off.
+            return self.refuse(user, start, early);
+        }
         let queue = {
             let st = self.state(node);
             st.estimate(g.waiting.load(Ordering::Relaxed))
         };
         if early + queue > max_wait {
-            return self.refuse(user, start, early.max(queue));
+            let turn = self
+                .state(node)
+                .turn(start, g.waiting.load(Ordering::Relaxed));
+            return self.refuse(user, start, turn.max(early));
         }
         if !early.is_zero() {
             tokio::time::sleep_until(slot.at).await;
@@ -483,7 +506,9 @@ impl Pacer {
             // Timed out (the rate fell meanwhile), or the semaphore closed.
             _ => {
                 let now = Instant::now();
-                let again = self.state(node).estimate(g.waiting.load(Ordering::Relaxed));
+                let again = self
+                    .state(node)
+                    .turn(now, g.waiting.load(Ordering::Relaxed));
                 self.refuse(user, now, again.max(TICK))
             }
         }
