@@ -94,6 +94,9 @@ address = "127.0.0.1:${ports[0]}"
 name = "imp2"
 address = "127.0.0.1:${ports[1]}"
 
+[admin]
+enabled = false
+
 [listen]
 starttls = "127.0.0.1:$proxy_port"
 

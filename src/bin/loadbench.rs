@@ -287,7 +287,7 @@ impl Bench {
         let text = format!(
             "[group]\nname = \"bench\"\nassignment = \"active-standby\"\ndomains = [\"{DOMAIN}\"]\n\n\
              [[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n[[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n\n\
-             [listen]\nstarttls = \"{addr}\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
+             [admin]\nenabled = false\n\n[listen]\nstarttls = \"{addr}\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
              [limits]\nmax_connections = 60000\n",
             nodes[0], nodes[1]
         );

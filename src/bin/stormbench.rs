@@ -200,7 +200,7 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         "[group]\nname = \"bench\"\nhigh_availability = true\nassignment = \"balanced\"\n\
          domains = [\"{DOMAIN}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
          [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\nrelogin_lower = \"{}\"\nrelogin_upper = \"{}\"\n\n\
-         [listen]\nstarttls = \"127.0.0.1:0\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\n[listen]\nstarttls = \"127.0.0.1:0\"\n\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}",
         pair.nodes[0].addr(),
