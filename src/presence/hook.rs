@@ -80,7 +80,9 @@ impl PresenceHook {
         let Ok(target) = jid::normalize_full_to_bare(&peek::unescape(to)) else {
             return;
         };
-        if *target == *self.session.user {
+        // Users of the group only (not a chat room, not another domain).
+        let domain = |j: &str| j.split_once('@').map(|(_, d)| d.to_owned());
+        if *target == *self.session.user || domain(&target) != domain(&self.session.user) {
             return;
         }
         match (ptype, peek::caps_ver(frame)) {
