@@ -503,7 +503,13 @@ impl Registry {
         let Some(u) = g.users.get_mut(&w) else {
             return Next::Again;
         };
-        let slot = u.sessions.last().cloned();
+        // The newest stream still open (an old one may not have ended yet).
+        let slot = u
+            .sessions
+            .iter()
+            .rev()
+            .find(|s| !s.handle.is_closed())
+            .cloned();
         let Some(p) = u.pairs.get_mut(&t) else {
             return Next::Again;
         };
