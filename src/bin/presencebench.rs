@@ -353,10 +353,12 @@ async fn run(cli: Cli) -> Res<()> {
     let before = chat(&mut chat_clients, phase, Duration::from_millis(20)).await?;
 
     // Node 1 crashes.
+    let on1 = pair.nodes[0].temp_subscriptions();
     let kill = Instant::now();
     pair.nodes[0].kill();
-    let lost = pairs_wanted - pair.nodes[1].temp_subscriptions();
-    println!("node 1 killed: {lost} subscriptions lost with it");
+    println!(
+        "node 1 killed: the {on1} subscriptions it held are lost, and those of its watchers on node 2"
+    );
     let chat_task = {
         let mut cc = std::mem::take(&mut chat_clients);
         let dur = bound.min(dur(&cli.min_interval)? + Duration::from_secs(15));
