@@ -207,6 +207,113 @@ impl Drop for PresenceHook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TempPresenceConfig;
+    use crate::control::ConnHandle;
+    use crate::node::NodeId;
+    use crate::xmpp::{FrameKind, Framer};
+
+    /// Shows `stanza` to the hook from the client (`up`) or the node.
+    fn show(h: &mut PresenceHook, up: bool, stanza: &str) -> Injections {
+        let header =
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+        let input = format!("{header}{stanza}");
+        let mut f = Framer::new(65_536);
+        let mut buf = input.as_bytes();
+        let mut inj = Injections::default();
+        while let Some(fr) = f.next(buf).unwrap() {
+            let frame = &buf[..fr.len];
+            if fr.kind == FrameKind::Stanza {
+                if up {
+                    h.client_stanza(frame, &fr, &mut inj);
+                } else {
+                    h.node_stanza(frame, &fr, &mut inj);
+                }
+            }
+            buf = &buf[fr.len..];
+        }
+        inj
+    }
+
+    #[test]
+    fn the_hook_feeds_the_registry_and_answers_from_the_cache() {
+        let reg = Arc::new(Registry::new(TempPresenceConfig::default()));
+        let (handle, _rx) = ConnHandle::new(4096);
+        let session = SessionInfo {
+            conn: 7,
+            user: Arc::from("alice@example.com"),
+            home: NodeId::Node1,
+            node: NodeId::Node1,
+            handle,
+        };
+        let mut h = PresenceHook::new(reg.clone(), &session);
+        show(&mut h, false, "<iq type='result' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>alice@example.com/desk</jid></bind></iq>");
+        let caps = "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='V1'/>";
+        show(
+            &mut h,
+            true,
+            &format!("<presence to='Bob@Example.com/x'>{caps}</presence>"),
+        );
+        // Not kept: another domain (a chat room), oneself.
+        show(
+            &mut h,
+            true,
+            &format!("<presence to='room@conf.example.com/me'>{caps}</presence>"),
+        );
+        show(
+            &mut h,
+            true,
+            &format!("<presence to='alice@example.com'>{caps}</presence>"),
+        );
+        assert_eq!(reg.targets_of("alice@example.com"), ["bob@example.com"]);
+        show(&mut h, true, &format!("<iq type='result' id='d1' to='example.com'><query xmlns='http://jabber.org/protocol/disco#info' node='n#V1'><feature var='{}'/></query></iq>", std::str::from_utf8(crate::presence::registry::NOTIFY_FEATURE).unwrap()));
+        assert!(reg.cached_answer("alice@example.com", b"V1").is_some());
+        // The client uses V1 itself: it answers, not the proxy.
+        let q = "<iq type='get' id='q1' from='example.com' to='alice@example.com/desk'><query xmlns='http://jabber.org/protocol/disco#info' node='n#V1'/></iq>";
+        assert!(show(&mut h, false, q).to_node.is_empty());
+        // A new session of the same user that never used V1: the proxy answers.
+        let mut h2 = PresenceHook::new(
+            reg.clone(),
+            &SessionInfo {
+                conn: 8,
+                ..session.clone()
+            },
+        );
+        show(&mut h2, false, "<iq type='result' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>alice@example.com/desk</jid></bind></iq>");
+        let inj = show(&mut h2, false, q);
+        assert_eq!(inj.to_node.len(), 1);
+        let a = std::str::from_utf8(&inj.to_node[0]).unwrap();
+        assert!(
+            a.starts_with("<iq type='result' id='q1' to='example.com'><query"),
+            "{a}"
+        );
+        assert!(
+            a.contains("temp-presence+notify") && a.ends_with("</query></iq>"),
+            "{a}"
+        );
+        assert_eq!(
+            reg.stats
+                .disco_from_cache
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Directed unavailable unsubscribes; a logout then drops nothing more.
+        show(
+            &mut h,
+            true,
+            "<presence type='unavailable' to='bob@example.com'/>",
+        );
+        assert_eq!(reg.pairs(), 0);
+        show(
+            &mut h,
+            true,
+            &format!("<presence to='bob@example.com'>{caps}</presence>"),
+        );
+        show(&mut h, true, "<presence type='unavailable'/>");
+        drop(h);
+        assert_eq!(reg.pairs(), 1, "another session is still open");
+        drop(h2);
+        assert_eq!(reg.pairs(), 1, "no logout on that one: kept to linger");
+    }
 
     #[test]
     fn queries_are_found() {
