@@ -115,6 +115,9 @@ struct User {
     linger_until: Option<Instant>,
     /// The node the user was last bound on.
     node: Option<NodeId>,
+    /// The user's last stream ended with a logout (its node is fine and
+    /// kept what it held for the user).
+    clean_exit: bool,
 }
 
 #[derive(Debug, Default)]
@@ -145,17 +148,20 @@ impl Inner {
             ws.remove(w);
             if ws.is_empty() {
                 self.by_target.remove(t);
+                self.forget_if_idle(t);
             }
         }
         self.forget_if_idle(w);
         true
     }
 
+    /// Forgets a user with no stream and no pairs who is nobody's target.
     fn forget_if_idle(&mut self, w: &str) {
         if self
             .users
             .get(w)
             .is_some_and(|u| u.sessions.is_empty() && u.pairs.is_empty())
+            && !self.by_target.contains_key(w)
         {
             self.users.remove(w);
         }
@@ -358,11 +364,11 @@ impl Registry {
             .map(|(_, q)| q.clone())
     }
 
-    /// A session of `user` was bound on `node`. Replays, through `user`'s
-    /// streams, its pairs when it had no live session or changed node (it
-    /// moved or came back), and through its watchers' streams the pairs
-    /// that target it in the same cases (the node that held them may have
-    /// lost them).
+    /// A session of `user` was bound on `node`. When the user changed
+    /// node, or had no live stream and its last one did not end with a
+    /// logout (a failure, an eviction: the node that held its pairs may
+    /// have lost them), replays its own pairs through its streams and the
+    /// pairs that target it through its watchers' streams.
     pub fn bound(
         &self,
         user: &Arc<str>,
@@ -381,8 +387,12 @@ impl Registry {
         let mut g = lock(&self.inner);
         let g = &mut *g;
         let u = g.users.entry(user.clone()).or_default();
-        let was_away = u.sessions.is_empty() || u.node != Some(node);
+        // Moved, or back after a failure or an eviction: what the node
+        // held for the user may be lost. Back on the same node after a
+        // logout: the node kept it.
+        let was_away = u.node != Some(node) || (u.sessions.is_empty() && !u.clean_exit);
         u.node = Some(node);
+        u.clean_exit = false;
         u.sessions.push(slot.clone());
         u.linger_until = None;
         let mut due = Vec::new();
@@ -449,6 +459,7 @@ impl Registry {
         if !u.sessions.is_empty() {
             return;
         }
+        u.clean_exit = logged_out;
         if logged_out {
             let targets: Vec<Arc<str>> = u.pairs.keys().cloned().collect();
             for t in targets {
@@ -691,5 +702,28 @@ mod tests {
         r.ended("w@x", 2, true);
         assert_eq!(r.pairs(), 0);
         task.abort();
+    }
+
+    #[test]
+    fn only_a_move_or_a_lost_stream_replays() {
+        let r = Registry::new(TempPresenceConfig::default());
+        let w: Arc<str> = Arc::from("w@x");
+        let t: Arc<str> = Arc::from("t@x");
+        let (h, _rx) = handle();
+        r.bound(&w, NodeId::Node2, 1, h.clone());
+        r.disco_answer(&w, b"v1", TP_QUERY);
+        r.bound(&t, NodeId::Node1, 2, h.clone());
+        r.directed(&w, "t@x", b"<presence/>", b"v1");
+        // T logs out and in again on the same node: nothing to repair.
+        r.ended("t@x", 2, true);
+        r.bound(&t, NodeId::Node1, 3, h.clone());
+        assert_eq!(r.replays_queued(), 0);
+        // T's stream is lost (no logout): replayed.
+        r.ended("t@x", 3, false);
+        r.bound(&t, NodeId::Node1, 4, h.clone());
+        assert_eq!(r.replays_queued(), 1);
+        // T moves while still bound elsewhere: replayed (once).
+        r.bound(&t, NodeId::Node2, 5, h.clone());
+        assert_eq!(r.replays_queued(), 1);
     }
 }
