@@ -62,6 +62,101 @@ pub struct Config {
     /// The admin HTTP API and status page.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Restoring temporary presence subscriptions (Cisco Jabber) after a
+    /// failover, fallback or user move.
+    #[serde(default)]
+    pub temp_presence: TempPresenceConfig,
+}
+
+/// Restoring temporary presence subscriptions (the `presence` module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TempPresenceConfig {
+    /// Keep and replay subscriptions at all.
+    pub enabled: bool,
+    /// Most (watcher, target) pairs one watcher may hold.
+    pub max_pairs_per_watcher: usize,
+    /// Most pairs in all.
+    pub max_pairs: usize,
+    /// Replays per second, over all watchers.
+    pub replay_rate: f64,
+    /// The 30-second rule: no replay of a pair sooner than this after its
+    /// last subscribe or unsubscribe (a watcher must wait that long between
+    /// two searches of the same user).
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// A pair is forgotten this long after its last subscribe (IM&P drops
+    /// it then too).
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long a watcher whose streams all ended without a logout (a
+    /// failover, a move, a lost connection) keeps its pairs for replay.
+    #[serde(with = "humantime_serde")]
+    pub watcher_linger: Duration,
+    /// After a moved watcher binds again, how long its client has to
+    /// resubscribe by itself before the proxy replays for it.
+    #[serde(with = "humantime_serde")]
+    pub watcher_grace: Duration,
+}
+
+impl Default for TempPresenceConfig {
+    fn default() -> Self {
+        TempPresenceConfig {
+            enabled: true,
+            max_pairs_per_watcher: 200,
+            max_pairs: 1_000_000,
+            replay_rate: 200.0,
+            min_interval: Duration::from_secs(30),
+            ttl: Duration::from_secs(8 * 3600),
+            watcher_linger: Duration::from_secs(900),
+            watcher_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TempPresenceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pairs_per_watcher == 0 {
+            return Err(ConfigError::new(
+                "temp_presence.max_pairs_per_watcher",
+                "must be at least 1",
+            ));
+        }
+        if self.max_pairs < self.max_pairs_per_watcher {
+            return Err(ConfigError::new(
+                "temp_presence.max_pairs",
+                "must be at least temp_presence.max_pairs_per_watcher",
+            ));
+        }
+        if !(self.replay_rate.is_finite() && self.replay_rate > 0.0 && self.replay_rate <= 1e6) {
+            return Err(ConfigError::new(
+                "temp_presence.replay_rate",
+                "must be a positive number of replays per second, at most 1000000",
+            ));
+        }
+        if self.ttl.is_zero() {
+            return Err(ConfigError::new("temp_presence.ttl", "must be positive"));
+        }
+        if self.min_interval > self.ttl {
+            return Err(ConfigError::new(
+                "temp_presence.min_interval",
+                "must not exceed temp_presence.ttl",
+            ));
+        }
+        for (k, d) in [
+            ("watcher_linger", self.watcher_linger),
+            ("watcher_grace", self.watcher_grace),
+            ("min_interval", self.min_interval),
+        ] {
+            if d > Duration::from_secs(86_400) {
+                return Err(ConfigError::new(
+                    format!("temp_presence.{k}"),
+                    "must be at most 24h",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The admin HTTP API and status page (the `admin` module).
@@ -724,6 +819,7 @@ impl Config {
         self.limits.validate()?;
         self.failover.validate()?;
         self.admin.validate()?;
+        self.temp_presence.validate()?;
         if self.group.assignment_file.is_some()
             && self.group.assignment == AssignmentMode::ActiveStandby
         {

@@ -98,7 +98,11 @@ enabled = false
 heartbeat_interval = "500ms"
 heartbeat_timeout = "3s"
 initial_heartbeat_timeout = "5s"
+
+[temp_presence]
+min_interval = "{tp_min}s"
 "#,
+        tp_min = TP_MIN_INTERVAL.as_secs(),
         n1 = pair.nodes[0].addr(),
         n2 = pair.nodes[1].addr(),
         cert = cert.display(),
@@ -348,6 +352,12 @@ initial_heartbeat_timeout = "5s"
     ));
     clients.push(("alice", alice));
 
+    let tls = ClientTls::StartTls {
+        config: client_tls.clone(),
+        server_name: DOMAIN.into(),
+    };
+    temp_presence(&shared, starttls, tls, &mut clients).await?;
+
     storm(&client_tls, &cert, &key).await?;
 
     step("graceful shutdown");
@@ -411,6 +421,148 @@ fn bound_on(shared: &ProxyView, bare: &str) -> &'static str {
         .lookup(bare)
         .and_then(|u| u.sessions.first().map(|s| s.node))
         .map_or("?", |n| ["imp1", "imp2"][n.index()])
+}
+
+/// The demo's 30-second rule, shortened so that the demo does not wait.
+const TP_MIN_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Temporary presence through a failover: carol (on imp2) searches for
+/// alice (on imp1); imp1 is failed over, alice moves to imp2, imp1's
+/// subscription is gone, and the proxy restores carol's view of alice
+/// without carol doing anything.
+async fn temp_presence(
+    shared: &ProxyView,
+    starttls: std::net::SocketAddr,
+    tls: ClientTls,
+    clients: &mut Vec<(&'static str, SimClient)>,
+) -> Result<(), String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    const CAPS: &str = "http://cisco.com/jabber";
+    const VER: &str = "demo-ver-1";
+    step("temporary presence survives a failover (Cisco Jabber's search)");
+    shared
+        .add_user("carol@example.com", NodeId::Node2)
+        .map_err(|x| x.to_string())?;
+    let login = |user: &'static str| {
+        let tls = tls.clone();
+        async move {
+            let mut c = SimClient::connect(starttls, DOMAIN, tls)
+                .await
+                .map_err(|x| format!("{user}: {x}"))?;
+            c.login(user, "pw", "SCRAM-SHA-1")
+                .await
+                .map_err(|x| format!("{user}: {x}"))?;
+            c.bind("desk").await.map_err(|x| format!("{user}: {x}"))?;
+            c.send_presence(None, None)
+                .await
+                .map_err(|x| format!("{user}: {x}"))?;
+            Ok::<_, String>(c)
+        }
+    };
+    let mut carol = login("carol").await?;
+    if let Some((_, a)) = clients.iter_mut().find(|(u, _)| *u == "alice") {
+        a.send_presence(Some("dnd"), Some("In a meeting"))
+            .await
+            .map_err(|x| x.to_string())?;
+        a.ping().await.map_err(|x| x.to_string())?;
+    }
+    let show = |p: &crate::sim::TempPush| {
+        if p.available {
+            p.show.clone().unwrap_or_else(|| "available".into())
+        } else {
+            "offline".into()
+        }
+    };
+    // Carol's client searches for alice: directed presence with its caps,
+    // then the node's disco#info round trip.
+    carol
+        .send_caps_presence("alice@example.com", CAPS, VER)
+        .await
+        .map_err(|x| x.to_string())?;
+    let mut waits = 0;
+    let first = loop {
+        let s = carol.recv(WAIT).await.map_err(|x| format!("carol: {x}"))?;
+        if s.disco_info_node().is_some() {
+            carol
+                .answer_disco(&s, &[crate::sim::TEMP_PRESENCE_NOTIFY])
+                .await
+                .map_err(|x| x.to_string())?;
+        } else if let Some(p) = s.temp_presence() {
+            break p;
+        }
+        waits += 1;
+        if waits > 100 {
+            return Err("carol: no temporary presence push".into());
+        }
+    };
+    let searched = std::time::Instant::now();
+    say(format!(
+        "carol (on {}) searched alice (on {}): carol sees alice {}",
+        bound_on(shared, "carol@example.com"),
+        bound_on(shared, "alice@example.com"),
+        show(&first)
+    ));
+    shared
+        .group
+        .failover(NodeId::Node1)
+        .await
+        .map_err(|x| format!("failover: {x}"))?;
+    if let Some((_, c)) = clients.iter_mut().find(|(u, _)| *u == "alice") {
+        if let Err(crate::sim::ClientError::StreamError { condition, .. }) =
+            c.wait_for(WAIT, |_| false).await
+        {
+            say(format!(
+                "administrator fails imp1 over: alice was told <{condition}/>"
+            ));
+        }
+    }
+    clients.retain(|(u, _)| *u != "alice");
+    let p = carol
+        .wait_for(WAIT, |s| s.temp_presence().is_some_and(|p| !p.available))
+        .await
+        .map_err(|x| format!("carol: {x}"))?;
+    say(format!(
+        "carol sees alice {}; imp1 held carol's subscription and forgets it",
+        p.temp_presence().map(|p| show(&p)).unwrap_or_default()
+    ));
+    let mut alice = login("alice").await?;
+    let back = std::time::Instant::now();
+    alice
+        .send_presence(Some("dnd"), Some("Back in the meeting"))
+        .await
+        .map_err(|x| x.to_string())?;
+    say(format!(
+        "alice logs in again → bound on {} and sets dnd; imp2 has no subscription for carol",
+        bound_on(shared, "alice@example.com")
+    ));
+    // Carol does nothing but answer pings, as every client does.
+    let restored = loop {
+        let s = carol.recv(WAIT).await.map_err(|x| format!("carol: {x}"))?;
+        if carol.answer_iq(&s).await.map_err(|x| x.to_string())? {
+            continue;
+        }
+        if let Some(p) = s.temp_presence().filter(|p| p.available) {
+            break p;
+        }
+    };
+    let tp = &shared.presence.stats;
+    say(format!(
+        "carol sees alice {} again, {:.1} s after alice's re-login ({:.1} s after carol's search; 30-second rule set to {} s), carol did nothing",
+        show(&restored),
+        back.elapsed().as_secs_f64(),
+        searched.elapsed().as_secs_f64(),
+        TP_MIN_INTERVAL.as_secs()
+    ));
+    say(format!(
+        "temporary presence: {} pair(s) held, {} replayed, {} deferred by the 30-second rule, {} disco#info answered from the cache",
+        tp.pairs.load(Relaxed),
+        tp.replays_sent.load(Relaxed),
+        tp.replays_deferred.load(Relaxed),
+        tp.disco_from_cache.load(Relaxed)
+    ));
+    clients.push(("alice", alice));
+    clients.push(("carol", carol));
+    Ok(())
 }
 
 /// Users in the storm step.

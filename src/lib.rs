@@ -30,6 +30,8 @@
 //!   (and knowing when that is done), admitting their logins again.
 //! - [`connection`] — one client connection, phase by phase, its relay and
 //!   its stanza hooks.
+//! - [`presence`] — temporary presence subscriptions (Cisco Jabber) kept
+//!   from the stanza hooks and replayed after a failover, fallback or move.
 //! - [`proxy`] — contexts, listeners, accept loops, graceful shutdown; the
 //!   read-only [`proxy::ProxyView`] for the outside.
 //! - [`view`] — [`view::ProxyView`], what the outside may see and ask of a
@@ -56,6 +58,7 @@ pub mod jid;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod prometheus;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -19,6 +19,8 @@
 //! | `pacer_admitted_total`, `pacer_held_total`, `pacer_refused_total`, `pacer_held_seconds_total` | counter | |
 //! | `pacer_rate`, `pacer_waiting` | gauge | `node` |
 //! | `pending_slots` | gauge | |
+//! | `temp_presence_pairs` | gauge | |
+//! | `temp_presence_replays_total`, `temp_presence_replays_deferred_total`, `temp_presence_disco_cached_total`, `temp_presence_refused_total`, `temp_presence_expired_total` | counter | |
 //! | `node_state` | gauge (always 1) | `node`, `state`, `reason` |
 //!
 //! Like every module that takes a [`ProxyView`], it is an outer layer: no
@@ -226,6 +228,43 @@ pub fn render(view: &ProxyView) -> String {
         "Moved users' re-login slots remembered now",
         clamp(pacer.pending_slots()),
     );
+
+    let tp = &view.presence.stats;
+    gauge(
+        r,
+        "temp_presence_pairs",
+        "Temporary presence (watcher, target) pairs held for replay",
+        i64::try_from(load(&tp.pairs)).unwrap_or(i64::MAX),
+    );
+    for (name, help, v) in [
+        (
+            "temp_presence_replays",
+            "Temporary presence subscriptions replayed to a node",
+            &tp.replays_sent,
+        ),
+        (
+            "temp_presence_replays_deferred",
+            "Temporary presence replays put off by the 30-second rule",
+            &tp.replays_deferred,
+        ),
+        (
+            "temp_presence_disco_cached",
+            "disco#info queries answered by the proxy from its caps cache",
+            &tp.disco_from_cache,
+        ),
+        (
+            "temp_presence_refused",
+            "Temporary presence pairs not kept because of a bound",
+            &tp.refused,
+        ),
+        (
+            "temp_presence_expired",
+            "Temporary presence pairs dropped by the TTL",
+            &tp.expired,
+        ),
+    ] {
+        counter(r, name, help, load(v));
+    }
 
     let status = view.group.subscribe().borrow().clone();
     let state = Family::<Labels, Gauge>::default();

@@ -26,6 +26,7 @@ use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::GroupHandle;
 use crate::metrics::Metrics;
 use crate::node::{NodeId, PAIR};
+use crate::presence::{PresenceHooks, Registry};
 use crate::reload::Reloader;
 use crate::route::{Assignment, Routing};
 use crate::tls::{server_tls, LiveTls};
@@ -62,6 +63,8 @@ pub struct Proxy {
     direct: Option<TcpListener>,
     admin: Option<TcpListener>,
     next_conn: Arc<AtomicU64>,
+    /// Temporary presence: replayed by its own task while running.
+    presence: Arc<Registry>,
 }
 
 impl Proxy {
@@ -112,6 +115,11 @@ impl Proxy {
         let (orders_tx, orders) = mpsc::unbounded_channel();
         let pacer = Arc::new(Pacer::new(&config.failover, PAIR));
         let hints = Arc::new(Hints::new(&config, pacer));
+        let presence = Arc::new(Registry::new(config.temp_presence.clone()));
+        let mut hooks: Vec<Arc<dyn crate::connection::hooks::HookFactory>> = Vec::new();
+        if config.temp_presence.enabled {
+            hooks.push(Arc::new(PresenceHooks(presence.clone())));
+        }
         let conn = Arc::new(ConnContext {
             limits: config.limits.clone(),
             domains: config.group.domains.clone(),
@@ -125,7 +133,7 @@ impl Proxy {
             group: group.clone(),
             admission: Arc::new(Admission::new(hints.clone(), config.failover.max_hold)),
             hints: hints.clone(),
-            hooks: Vec::new(),
+            hooks,
         });
         let monitor = MonitorContext {
             config: config.clone(),
@@ -163,6 +171,7 @@ impl Proxy {
             metrics,
             mechanisms,
             hints,
+            presence: presence.clone(),
         };
         Ok(Proxy {
             conn,
@@ -174,6 +183,7 @@ impl Proxy {
             direct,
             admin,
             next_conn: Arc::new(AtomicU64::new(1)),
+            presence,
         })
     }
 
@@ -211,12 +221,18 @@ impl Proxy {
             direct,
             admin,
             next_conn,
+            presence,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let max = conn.load().limits.max_connections;
         let slots = Arc::new(Semaphore::new(max));
 
         let evictor = failover::spawn(failover, orders);
+        let replayer = view
+            .config
+            .temp_presence
+            .enabled
+            .then(|| tokio::spawn(presence.run()));
         let monitor = monitor::spawn(monitor);
         let admin =
             admin.map(|l| tokio::spawn(crate::admin::serve(l, view.clone(), stop_rx.clone())));
@@ -259,6 +275,9 @@ impl Proxy {
         }
         monitor.abort();
         evictor.abort();
+        if let Some(r) = &replayer {
+            r.abort();
+        }
         if let Some(a) = &admin {
             a.abort();
         }

@@ -15,8 +15,9 @@
 //!   the longest hold, the hint window, the refuse delay, the redirect;
 //! - every node's `relogin_lower` / `relogin_upper`: hints planned from then on.
 //!
-//! Anything else that differs (`[group]`, `[listen]`, `[srm]`, `[dns]`, the
-//! other node settings) needs a restart; the [`ReloadReport`] lists it.
+//! Anything else that differs (`[group]`, `[listen]`, `[srm]`, `[dns]`,
+//! `[temp_presence]`, the other node settings) needs a restart; the
+//! [`ReloadReport`] lists it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -126,6 +127,9 @@ impl Reloader {
         }
         if differs(&old.dns, &new.dns) {
             restart("dns");
+        }
+        if differs(&old.temp_presence, &new.temp_presence) {
+            restart("temp_presence");
         }
         if old.limits.max_connections != new.limits.max_connections {
             restart("limits.max_connections");

@@ -13,6 +13,7 @@ use crate::failover::Hints;
 use crate::group::{GroupHandle, GroupStatus, UsersCannotBeAdded};
 use crate::metrics::Metrics;
 use crate::node::NodeId;
+use crate::presence::Registry;
 use crate::reload::{ReloadReport, Reloader};
 use crate::route::{AssignError, Assignment};
 use crate::tracker::Tracker;
@@ -50,6 +51,8 @@ pub struct ProxyView {
     pub mechanisms: Arc<Mechanisms>,
     /// Re-login hints and the login pacer (rates, slots, counters).
     pub hints: Arc<Hints>,
+    /// Temporary presence subscriptions kept for replay, and their counters.
+    pub presence: Arc<Registry>,
     pub(crate) reloader: Arc<Reloader>,
 }
 

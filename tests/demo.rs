@@ -26,6 +26,11 @@ fn demo_runs_to_completion() {
         "node 1 imp1  Failed Over",
         "alice logs in again → bound on imp1",
         "alice was told <system-shutdown/>",
+        "carol (on imp2) searched alice (on imp1): carol sees alice dnd",
+        "carol sees alice offline; imp1 held carol's subscription and forgets it",
+        "carol sees alice dnd again",
+        "carol did nothing",
+        "1 replayed",
         "demo complete",
     ] {
         assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");

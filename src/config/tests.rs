@@ -306,3 +306,48 @@ fn admin_api_defaults_and_token_rule() {
     let e = Config::parse(&format!("{}\n[admin]\nport = 1\n", crate::config::EXAMPLE)).unwrap_err();
     assert!(e.message.contains("unknown field `port`"), "{e}");
 }
+
+#[test]
+fn temp_presence_defaults_and_bounds() {
+    let c = example();
+    let tp = &c.temp_presence;
+    assert!(tp.enabled);
+    assert_eq!(tp.min_interval, Duration::from_secs(30));
+    assert_eq!((tp.max_pairs_per_watcher, tp.max_pairs), (200, 1_000_000));
+    for (f, key) in [
+        (
+            (|c: &mut Config| c.temp_presence.max_pairs_per_watcher = 0) as fn(&mut Config),
+            "temp_presence.max_pairs_per_watcher",
+        ),
+        (
+            |c: &mut Config| c.temp_presence.max_pairs = 10,
+            "temp_presence.max_pairs",
+        ),
+        (
+            |c: &mut Config| c.temp_presence.replay_rate = f64::NAN,
+            "temp_presence.replay_rate",
+        ),
+        (
+            |c: &mut Config| c.temp_presence.ttl = Duration::ZERO,
+            "temp_presence.ttl",
+        ),
+        (
+            |c: &mut Config| c.temp_presence.min_interval = Duration::from_secs(9 * 3600),
+            "temp_presence.min_interval",
+        ),
+    ] {
+        assert_eq!(with(f).unwrap_err().key, key);
+    }
+    let t = format!(
+        "{}\n[temp_presence]\nmin_interval = \"2s\"\nreplay_rate = 10.0\n",
+        crate::config::EXAMPLE
+    );
+    let c = Config::parse(&t).unwrap();
+    assert_eq!(c.temp_presence.min_interval, Duration::from_secs(2));
+    let e = Config::parse(&format!(
+        "{}\n[temp_presence]\nrate = 1\n",
+        crate::config::EXAMPLE
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("unknown field `rate`"), "{e}");
+}

@@ -156,6 +156,57 @@ impl Stanza {
     pub fn has_child(&self, name: &str) -> bool {
         self.tree().is_some_and(|t| t.find(name).is_some())
     }
+
+    /// A temporary presence push (a headline message with a pubsub#event
+    /// for `http://webex.com/connect/temp-presence`): its item and the
+    /// presence it carries.
+    pub fn temp_presence(&self) -> Option<TempPush> {
+        if self.name != "message" || self.attr("type") != Some("headline") {
+            return None;
+        }
+        let t = self.tree()?;
+        let items = t.find("event")?.child("items")?;
+        if items.attr("node") != Some(super::node::NS_TEMP_PRESENCE) {
+            return None;
+        }
+        let item = items.child("item")?;
+        let p = item.child("presence")?;
+        Some(TempPush {
+            target: self.attr("from").unwrap_or("").to_owned(),
+            item: item.attr("id").unwrap_or("").to_owned(),
+            available: p.attr("type").is_none(),
+            show: p.child("show").map(|s| s.text.clone()),
+            status: p.child("status").map(|s| s.text.clone()),
+        })
+    }
+
+    /// The caps `node#ver` of a disco#info query (an iq get), if it is one.
+    pub fn disco_info_node(&self) -> Option<String> {
+        if self.name != "iq" || self.attr("type") != Some("get") {
+            return None;
+        }
+        let t = self.tree()?;
+        let q = t.child("query")?;
+        if q.ns() != Some("http://jabber.org/protocol/disco#info") {
+            return None;
+        }
+        q.attr("node").map(str::to_owned)
+    }
+}
+
+/// What a temporary presence push says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TempPush {
+    /// The target's bare JID (the message's `from`).
+    pub target: String,
+    /// The item id: the target's full JID (bare when it is offline).
+    pub item: String,
+    /// Whether the presence is available.
+    pub available: bool,
+    /// Its `<show/>`.
+    pub show: Option<String>,
+    /// Its `<status/>`.
+    pub status: Option<String>,
 }
 
 /// A test/demo XMPP client connection.
@@ -583,6 +634,78 @@ impl SimClient {
         }
         p.push_str("</presence>");
         self.send_raw(&p).await
+    }
+
+    /// Temporary presence (Cisco Jabber): directed presence to `to`
+    /// carrying XEP-0115 caps `caps_node` / `ver`. It subscribes when `ver`
+    /// resolves to features with the temp-presence notify feature (answer
+    /// the node's disco#info with [`SimClient::answer_disco`]), and
+    /// unsubscribes otherwise.
+    pub async fn send_caps_presence(
+        &mut self,
+        to: &str,
+        caps_node: &str,
+        ver: &str,
+    ) -> Result<(), ClientError> {
+        self.send_raw(&format!(
+            "<presence to='{}'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='{}' ver='{}'/></presence>",
+            esc(to),
+            esc(caps_node),
+            esc(ver)
+        ))
+        .await
+    }
+
+    /// Directed unavailable presence to `to` (ends a temporary presence
+    /// subscription).
+    pub async fn send_directed_unavailable(&mut self, to: &str) -> Result<(), ClientError> {
+        self.send_raw(&format!("<presence type='unavailable' to='{}'/>", esc(to)))
+            .await
+    }
+
+    /// Answers a disco#info query (`q`, an iq get) with `features`.
+    pub async fn answer_disco(&mut self, q: &Stanza, features: &[&str]) -> Result<(), ClientError> {
+        let mut body = String::from("<identity category='client' type='pc' name='sim'/>");
+        for f in features {
+            body.push_str(&format!("<feature var='{}'/>", esc(f)));
+        }
+        let node = q
+            .disco_info_node()
+            .map(|n| format!(" node='{}'", esc(&n)))
+            .unwrap_or_default();
+        let to = q
+            .attr("from")
+            .map(|f| format!(" to='{}'", esc(f)))
+            .unwrap_or_default();
+        self.send_raw(&format!(
+            "<iq type='result' id='{}'{to}><query xmlns='http://jabber.org/protocol/disco#info'{node}>{body}</query></iq>",
+            esc(q.attr("id").unwrap_or(""))
+        ))
+        .await
+    }
+
+    /// Answers an iq get the way every client must (XEP-0199 ping: a
+    /// result; anything else: `<service-unavailable/>`). `false` when `s`
+    /// is not an iq get.
+    pub async fn answer_iq(&mut self, s: &Stanza) -> Result<bool, ClientError> {
+        if s.name != "iq" || s.attr("type") != Some("get") {
+            return Ok(false);
+        }
+        let id = esc(s.attr("id").unwrap_or(""));
+        let to = s
+            .attr("from")
+            .map(|f| format!(" to='{}'", esc(f)))
+            .unwrap_or_default();
+        if s.has_child("ping") {
+            self.send_raw(&format!("<iq type='result' id='{id}'{to}/>"))
+                .await?;
+        } else {
+            self.send_raw(&format!(
+                "<iq type='error' id='{id}'{to}><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+            ))
+            .await?;
+        }
+        Ok(true)
     }
 
     /// Send a `chat` message.

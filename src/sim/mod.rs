@@ -20,6 +20,8 @@ mod scram;
 mod stream;
 mod xml;
 
-pub use client::{ClientError, ClientTls, SimClient, Stanza};
-pub use node::{LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair};
+pub use client::{ClientError, ClientTls, SimClient, Stanza, TempPush};
+pub use node::{
+    LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair, NS_TEMP_PRESENCE, TEMP_PRESENCE_NOTIFY,
+};
 pub use reconnect::{ReconnectPolicy, Relogin};

@@ -34,7 +34,21 @@
 //!   `<auth>` waits (FIFO) for one of `concurrent` login slots and holds it for
 //!   `work_per_login` before the SASL exchange goes on; a login that could not
 //!   get a slot within `queue_timeout` is refused with
-//!   `<temporary-auth-failure/>` (text `node overloaded`).
+//!   `<temporary-auth-failure/>` (text `node overloaded`);
+//! * temporary presence (Cisco Jabber) as IM&P does it: directed presence
+//!   whose XEP-0115 caps `ver` resolves (the node asks the watcher with
+//!   disco#info on `node#ver`, cached per node) to a feature list with
+//!   [`TEMP_PRESENCE_NOTIFY`] subscribes the watcher's session to the
+//!   target; the node pushes the target's presence at once and on every
+//!   change as a headline message with a pubsub#event for
+//!   [`NS_TEMP_PRESENCE`]. Directed presence without the feature, or directed
+//!   unavailable presence, unsubscribes. Subscriptions are bounded
+//!   ([`SimNodeConfig::temp_presence_max`]), expire
+//!   ([`SimNodeConfig::temp_presence_ttl`]), live in the memory of the node
+//!   that serves the target (the watcher's node while the target is offline)
+//!   and are lost — without telling the watcher — when that node is killed,
+//!   when the target binds on the other node (a move), or when the
+//!   watcher's session ends: the defect the proxy repairs.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -72,6 +86,12 @@ const NS_PING: &str = "urn:xmpp:ping";
 const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+const NS_PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
+/// The pubsub node of temporary presence pushes.
+pub const NS_TEMP_PRESENCE: &str = "http://webex.com/connect/temp-presence";
+/// The caps feature that makes a directed presence a temporary presence subscription.
+pub const TEMP_PRESENCE_NOTIFY: &str = "http://webex.com/connect/temp-presence+notify";
 /// Session ids are unique across all nodes (sessions of a pair are compared by id).
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,6 +273,12 @@ pub struct SimNodeConfig {
     /// Expect a PROXY protocol v2 header on every connection (a connection
     /// without one is dropped) and record the client addresses it names.
     pub proxy_protocol: bool,
+    /// Most temporary presence subscriptions the node holds (IM&P's
+    /// per-node maximum); a subscription beyond it is ignored.
+    pub temp_presence_max: usize,
+    /// How long a temporary presence subscription lives before the node
+    /// drops it (IM&P's time-to-live).
+    pub temp_presence_ttl: Duration,
 }
 
 impl SimNodeConfig {
@@ -277,6 +303,8 @@ impl SimNodeConfig {
             scram_iterations: 4096,
             login_capacity: None,
             proxy_protocol: false,
+            temp_presence_max: 100_000,
+            temp_presence_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -355,6 +383,104 @@ struct Shared {
     client_addrs: Mutex<Vec<SocketAddr>>,
     /// `LOCAL` PROXY headers received (the proxy's own connections).
     local_headers: AtomicU64,
+    /// Temporary presence: subscriptions, caps cache, pending disco#info.
+    temp: Mutex<Temp>,
+    temp_max: usize,
+    temp_ttl: Duration,
+}
+
+/// One temporary presence subscription: a watcher's session.
+struct TempSub {
+    watcher: Weak<Sess>,
+    watcher_id: u64,
+    since: Instant,
+}
+
+impl TempSub {
+    fn live(&self, ttl: Duration) -> Option<Arc<Sess>> {
+        if self.since.elapsed() >= ttl {
+            return None;
+        }
+        self.watcher.upgrade().filter(|s| !s.tx.is_closed())
+    }
+}
+
+/// A disco#info query sent to a watcher for an unknown caps `ver`.
+struct PendingDisco {
+    ver: String,
+    watcher_id: u64,
+    targets: Vec<String>,
+}
+
+/// A node's temporary presence state (in memory only: lost on a crash).
+#[derive(Default)]
+struct Temp {
+    /// Target localpart → its watchers' sessions.
+    subs: HashMap<String, Vec<TempSub>>,
+    count: usize,
+    /// Caps `ver` → whether its features include [`TEMP_PRESENCE_NOTIFY`].
+    caps: HashMap<String, bool>,
+    /// disco#info iq id → what it resolves.
+    pending: HashMap<String, PendingDisco>,
+    next_id: u64,
+    refused: u64,
+    disco_queries: u64,
+}
+
+impl Temp {
+    /// Drops dead and expired subscriptions of `target`.
+    fn purge(&mut self, target: &str, ttl: Duration) {
+        if let Some(v) = self.subs.get_mut(target) {
+            let before = v.len();
+            v.retain(|s| s.live(ttl).is_some());
+            self.count -= before - v.len();
+            if v.is_empty() {
+                self.subs.remove(target);
+            }
+        }
+    }
+
+    fn purge_all(&mut self, ttl: Duration) {
+        let targets: Vec<String> = self.subs.keys().cloned().collect();
+        for t in targets {
+            self.purge(&t, ttl);
+        }
+    }
+
+    fn remove(&mut self, target: &str, watcher_id: u64) {
+        if let Some(v) = self.subs.get_mut(target) {
+            let before = v.len();
+            v.retain(|s| s.watcher_id != watcher_id);
+            self.count -= before - v.len();
+            if v.is_empty() {
+                self.subs.remove(target);
+            }
+        }
+    }
+
+    fn drop_target(&mut self, target: &str) {
+        if let Some(v) = self.subs.remove(target) {
+            self.count -= v.len();
+        }
+    }
+}
+
+/// The headline message that pushes `presence` of `item` (the target's
+/// full JID, or bare when offline) to a temporary presence watcher.
+fn temp_push(target_bare: &str, watcher_full: &str, item: &str, presence: &[u8]) -> Bytes {
+    let mut s = Vec::with_capacity(presence.len() + 320);
+    s.extend_from_slice(
+        format!(
+            "<message type='headline' from='{}' to='{}'><event xmlns='{NS_PUBSUB_EVENT}'><items node='{NS_TEMP_PRESENCE}'><item id='{}'>",
+            esc(target_bare),
+            esc(watcher_full),
+            esc(item)
+        )
+        .as_bytes(),
+    );
+    s.extend_from_slice(presence);
+    s.extend_from_slice(b"</item></items></event></message>");
+    Bytes::from(s)
 }
 
 /// A running simulated node. Cheap to clone (shared state inside).
@@ -436,6 +562,9 @@ impl SimNode {
             proxy_protocol: cfg.proxy_protocol,
             client_addrs: Mutex::new(Vec::new()),
             local_headers: AtomicU64::new(0),
+            temp: Mutex::new(Temp::default()),
+            temp_max: cfg.temp_presence_max,
+            temp_ttl: cfg.temp_presence_ttl,
         });
         let node = SimNode { inner };
         node.spawn_accept();
@@ -517,6 +646,35 @@ impl SimNode {
         self.inner.login_gate.as_ref().map(|g| g.cap)
     }
 
+    /// Live temporary presence subscriptions held by this node.
+    pub fn temp_subscriptions(&self) -> usize {
+        let mut t = lock(&self.inner.temp);
+        t.purge_all(self.inner.temp_ttl);
+        t.count
+    }
+
+    /// The full JIDs of the live sessions subscribed (on this node) to the
+    /// temporary presence of `target` (a localpart), one per subscription.
+    pub fn temp_watchers(&self, target: &str) -> Vec<String> {
+        let t = lock(&self.inner.temp);
+        t.subs
+            .get(&target.to_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.live(self.inner.temp_ttl).map(|w| w.full.clone()))
+            .collect()
+    }
+
+    /// Temporary presence subscriptions refused by the node's maximum.
+    pub fn temp_refused(&self) -> u64 {
+        lock(&self.inner.temp).refused
+    }
+
+    /// disco#info queries the node sent to resolve caps `ver`s.
+    pub fn temp_disco_queries(&self) -> u64 {
+        lock(&self.inner.temp).disco_queries
+    }
+
     /// Crash: stop listening (connects are refused) and reset every connection.
     /// No presence is broadcast for the lost sessions.
     pub fn kill(&self) {
@@ -529,6 +687,9 @@ impl SimNode {
         let mut map = wlock(&s.sessions);
         map.clear();
         s.bound.store(0, Ordering::Relaxed);
+        drop(map);
+        // Temporary presence lived in memory only.
+        *lock(&s.temp) = Temp::default();
     }
 
     /// Listen again on the same address after [`SimNode::kill`] (no-op when listening).
@@ -823,6 +984,7 @@ impl Shared {
         ));
         if was {
             self.broadcast(&sess.user, &un, Some(sess.id));
+            self.temp_notify(&sess.user, &sess.full, &un);
         }
         for t in directed {
             self.deliver_presence_to(&t, &un);
@@ -847,6 +1009,100 @@ impl Shared {
                 self.deliver_all_available(&local, data);
             }
         }
+    }
+
+    fn has_sessions(&self, user: &str) -> bool {
+        rlock(&self.sessions).contains_key(user)
+    }
+
+    /// Subscribes `watcher` to `target`'s temporary presence on the node
+    /// that serves the target (this one while it is offline) and pushes
+    /// its current presence.
+    fn temp_subscribe(&self, watcher: &Arc<Sess>, target: &str) {
+        let peer = self.peer();
+        let host: &Shared = match &peer {
+            Some(p) if !self.has_sessions(target) && p.has_sessions(target) => p,
+            _ => self,
+        };
+        if let Some(p) = &peer {
+            // One subscription per pair, on one node.
+            let other: &Shared = if std::ptr::eq(host, self) { p } else { self };
+            lock(&other.temp).remove(target, watcher.id);
+        }
+        {
+            let mut t = lock(&host.temp);
+            t.purge(target, host.temp_ttl);
+            let exists = t
+                .subs
+                .get_mut(target)
+                .and_then(|v| v.iter_mut().find(|s| s.watcher_id == watcher.id))
+                .map(|s| s.since = Instant::now())
+                .is_some();
+            if !exists {
+                if t.count >= host.temp_max {
+                    t.refused += 1;
+                    return;
+                }
+                t.subs.entry(target.to_owned()).or_default().push(TempSub {
+                    watcher: Arc::downgrade(watcher),
+                    watcher_id: watcher.id,
+                    since: Instant::now(),
+                });
+                t.count += 1;
+            }
+        }
+        // The target's presence now.
+        let target_bare = format!("{target}@{}", self.domain);
+        let mut current = Vec::new();
+        self.each_node(|n| {
+            if let Some(v) = rlock(&n.sessions).get(target) {
+                for s in v {
+                    if let Some(b) = &lock(&s.pres).last {
+                        current.push((s.full.clone(), b.clone()));
+                    }
+                }
+            }
+        });
+        if current.is_empty() {
+            let un = format!(
+                "<presence type='unavailable' from='{}'/>",
+                esc(&target_bare)
+            );
+            watcher.send(&temp_push(
+                &target_bare,
+                &watcher.full,
+                &target_bare,
+                un.as_bytes(),
+            ));
+        }
+        for (full, b) in current {
+            watcher.send(&temp_push(&target_bare, &watcher.full, &full, &b));
+        }
+    }
+
+    fn temp_unsubscribe(&self, watcher_id: u64, target: &str) {
+        self.each_node(|n| lock(&n.temp).remove(target, watcher_id));
+    }
+
+    /// `user`'s session `full` changed its presence to `data`: push it to
+    /// the temporary presence watchers (on either node).
+    fn temp_notify(&self, user: &str, full: &str, data: &Bytes) {
+        let bare = format!("{user}@{}", self.domain);
+        self.each_node(|n| {
+            let watchers: Vec<Arc<Sess>> = {
+                let mut t = lock(&n.temp);
+                t.purge(user, n.temp_ttl);
+                t.subs
+                    .get(user)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.live(n.temp_ttl))
+                    .collect()
+            };
+            for w in watchers {
+                w.send(&temp_push(&bare, &w.full, full, data));
+            }
+        });
     }
 
     fn scram_keys(&self, password: &str) -> Arc<ScramKeys> {
@@ -1559,6 +1815,13 @@ impl Conn {
             let _ = old.tx.send(Out::Conflict);
             self.node.session_gone(&old);
         }
+        // The user moved off the peer: the peer forgets the temporary
+        // presence subscriptions it held for the user, silently.
+        if let Some(p) = self.node.peer() {
+            if !p.has_sessions(&user) {
+                lock(&p.temp).drop_target(&user);
+            }
+        }
         self.sess = Some(sess);
         self.rx = Some(rx);
         let id = el.attr("id").unwrap_or("");
@@ -1694,6 +1957,9 @@ impl Conn {
                     }
                     let data = stamp(el, raw, &sess.full);
                     self.node.deliver_presence_to(to, &data);
+                    if self.node.users.contains_key(local.as_ref()) {
+                        self.temp_directed(sess, el, &local, ptype.is_none());
+                    }
                 }
                 Some("probe") => {
                     if local == sess.user || self.node.is_contact(&sess.user, &local) {
@@ -1741,6 +2007,7 @@ impl Conn {
                     was
                 };
                 self.node.broadcast(&sess.user, &data, None);
+                self.node.temp_notify(&sess.user, &sess.full, &data);
                 if !was {
                     let mut current = Vec::new();
                     self.node.each_interested(&sess.user, true, |s| {
@@ -1767,6 +2034,7 @@ impl Conn {
                 if was {
                     self.node.broadcast(&sess.user, &data, None);
                     sess.send(&data);
+                    self.node.temp_notify(&sess.user, &sess.full, &data);
                 }
                 for t in directed {
                     self.node.deliver_presence_to(&t, &data);
@@ -1792,6 +2060,8 @@ impl Conn {
         if for_server {
             if request {
                 self.server_iq(el, itype, to.is_some_and(|t| t.eq_ignore_ascii_case(&bare)));
+            } else {
+                self.temp_disco_answer(sess, el);
             }
             return;
         }
@@ -1812,6 +2082,89 @@ impl Conn {
         }
         if request {
             self.stanza_error(el, "service-unavailable", "cancel", None);
+        }
+    }
+
+    /// Directed presence from `sess` to `target` (a user of the domain):
+    /// subscribes or unsubscribes temporary presence by its caps.
+    fn temp_directed(&mut self, sess: &Arc<Sess>, el: &Element, target: &str, available: bool) {
+        let caps = el
+            .child_ns("c", NS_CAPS)
+            .and_then(|c| Some((c.attr("node")?, c.attr("ver")?)));
+        let (Some((cnode, ver)), true) = (caps, available) else {
+            self.node.temp_unsubscribe(sess.id, target);
+            return;
+        };
+        let known = lock(&self.node.temp).caps.get(ver).copied();
+        match known {
+            Some(true) => self.node.temp_subscribe(sess, target),
+            Some(false) => self.node.temp_unsubscribe(sess.id, target),
+            None => {
+                let id = {
+                    let mut t = lock(&self.node.temp);
+                    if let Some(p) = t
+                        .pending
+                        .values_mut()
+                        .find(|p| p.ver == ver && p.watcher_id == sess.id)
+                    {
+                        if !p.targets.iter().any(|x| x == target) {
+                            p.targets.push(target.to_owned());
+                        }
+                        return;
+                    }
+                    t.next_id += 1;
+                    t.disco_queries += 1;
+                    let id = format!("tp-disco-{}", t.next_id);
+                    t.pending.insert(
+                        id.clone(),
+                        PendingDisco {
+                            ver: ver.to_owned(),
+                            watcher_id: sess.id,
+                            targets: vec![target.to_owned()],
+                        },
+                    );
+                    id
+                };
+                self.out.extend_from_slice(
+                    format!(
+                        "<iq type='get' id='{id}' from='{}' to='{}'><query xmlns='{NS_DISCO_INFO}' node='{}#{}'/></iq>",
+                        esc(&self.node.domain),
+                        esc(&sess.full),
+                        esc(cnode),
+                        esc(ver)
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+    }
+
+    /// A watcher's answer to the node's disco#info query for a caps `ver`.
+    fn temp_disco_answer(&mut self, sess: &Arc<Sess>, el: &Element) {
+        let Some(id) = el.attr("id") else { return };
+        let pending = {
+            let mut t = lock(&self.node.temp);
+            match t.pending.get(id) {
+                Some(p) if p.watcher_id == sess.id => t.pending.remove(id),
+                _ => None,
+            }
+        };
+        let Some(p) = pending else { return };
+        if el.attr("type") != Some("result") {
+            return;
+        }
+        let has = el.child_ns("query", NS_DISCO_INFO).is_some_and(|q| {
+            q.children
+                .iter()
+                .any(|f| f.local() == "feature" && f.attr("var") == Some(TEMP_PRESENCE_NOTIFY))
+        });
+        lock(&self.node.temp).caps.insert(p.ver, has);
+        for target in p.targets {
+            if has {
+                self.node.temp_subscribe(sess, &target);
+            } else {
+                self.node.temp_unsubscribe(sess.id, &target);
+            }
         }
     }
 
