@@ -419,8 +419,26 @@ pub struct LimitsConfig {
     /// node's `</stream:stream>` before closing the node connection.
     #[serde(with = "humantime_serde")]
     pub close_wait: Duration,
-    /// SASL attempts on one stream before the proxy closes it.
+    /// Failed authentications on one stream (refused by the proxy or by
+    /// the node) before the proxy closes it with `<policy-violation/>`.
     pub max_auth_attempts: u32,
+    /// Largest element accepted from a client before SASL success (only
+    /// `<starttls/>`, `<auth>`, `<response>` and `<abort/>` are valid there).
+    pub pre_auth_stanza_bytes: usize,
+    /// Deepest element nesting accepted inside one stanza, either side.
+    pub max_depth: u32,
+    /// Most attributes accepted on one element, either side.
+    pub max_attributes: u32,
+    /// Failed authentications from one source address within
+    /// `auth_fail_window` after which its logins are refused for
+    /// `auth_ban_time` (0 switches the cooling-off off).
+    pub auth_fail_limit: u32,
+    /// The window `auth_fail_limit` counts failures in.
+    #[serde(with = "humantime_serde")]
+    pub auth_fail_window: Duration,
+    /// How long a source address over `auth_fail_limit` is refused.
+    #[serde(with = "humantime_serde")]
+    pub auth_ban_time: Duration,
     /// Bytes that may wait to be injected into one client stream (replayed
     /// stanzas); further injections are refused.
     pub inject_queue_bytes: usize,
@@ -439,6 +457,12 @@ impl Default for LimitsConfig {
             write_timeout: Duration::from_secs(15),
             close_wait: Duration::from_secs(5),
             max_auth_attempts: 5,
+            pre_auth_stanza_bytes: 16_384,
+            max_depth: 64,
+            max_attributes: 50,
+            auth_fail_limit: 20,
+            auth_fail_window: Duration::from_secs(60),
+            auth_ban_time: Duration::from_secs(600),
             inject_queue_bytes: 524_288,
         }
     }
@@ -946,6 +970,32 @@ impl LimitsConfig {
             return Err(ConfigError::new(
                 "limits.max_auth_attempts",
                 "must be at least 1",
+            ));
+        }
+        if self.pre_auth_stanza_bytes < 1024 || self.pre_auth_stanza_bytes > self.max_stanza_bytes {
+            return Err(ConfigError::new(
+                "limits.pre_auth_stanza_bytes",
+                "must be between 1024 and limits.max_stanza_bytes",
+            ));
+        }
+        if self.max_depth < 8 {
+            return Err(ConfigError::new(
+                "limits.max_depth",
+                "must be at least 8 (a bind result alone nests 3 deep)",
+            ));
+        }
+        if self.max_attributes < 8 {
+            return Err(ConfigError::new(
+                "limits.max_attributes",
+                "must be at least 8 (stream headers carry 5)",
+            ));
+        }
+        if self.auth_fail_limit > 0
+            && (self.auth_fail_window.is_zero() || self.auth_ban_time.is_zero())
+        {
+            return Err(ConfigError::new(
+                "limits.auth_ban_time",
+                "auth_fail_window and auth_ban_time must be greater than zero when auth_fail_limit is set",
             ));
         }
         if self.inject_queue_bytes < self.max_stanza_bytes {

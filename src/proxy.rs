@@ -126,6 +126,7 @@ impl Proxy {
             admission: Arc::new(Admission::new(hints.clone(), config.failover.max_hold)),
             hints: hints.clone(),
             hooks: Vec::new(),
+            auth_bans: Arc::new(crate::connection::bans::AuthBans::new()),
         });
         let monitor = MonitorContext {
             config: config.clone(),

@@ -140,25 +140,32 @@ struct Batch {
     ready: usize,
     stanzas: u64,
     closed: bool,
+    /// A hook asked to end the stream at the stanza after `ready`.
+    stopped: bool,
 }
 
-/// Frames everything complete in `buf`, calling `observe` for each stanza.
-/// On error, returns the bytes ready before it and the error.
+/// Frames everything complete in `buf`, calling `observe` for each stanza
+/// (which returns `false` to stop before that stanza). On error, returns
+/// the bytes ready before it and the error.
 fn scan(
     framer: &mut Framer,
     buf: &[u8],
-    mut observe: impl FnMut(&[u8], &crate::xmpp::framer::Frame),
+    mut observe: impl FnMut(&[u8], &crate::xmpp::framer::Frame) -> bool,
 ) -> Result<Batch, (usize, FrameError)> {
     let mut b = Batch {
         ready: 0,
         stanzas: 0,
         closed: false,
+        stopped: false,
     };
     loop {
         match framer.next(&buf[b.ready..]) {
             Ok(Some(f)) => {
                 if f.kind == FrameKind::Stanza {
-                    observe(&buf[b.ready..b.ready + f.len], &f);
+                    if !observe(&buf[b.ready..b.ready + f.len], &f) {
+                        b.stopped = true;
+                        return Ok(b);
+                    }
                     b.stanzas += 1;
                 }
                 b.ready += f.len;
@@ -240,7 +247,8 @@ pub(super) async fn relay(
         if client_reading && !to_node.pending() && !client_buf.is_empty() {
             let mut inj = Injections::default();
             match scan(&mut client_framer, &client_buf, |frame, f| {
-                hooks.client_stanza(frame, f, &mut inj)
+                hooks.client_stanza(frame, f, &mut inj);
+                true
             }) {
                 Ok(b) => {
                     if b.ready > 0 {
@@ -275,7 +283,8 @@ pub(super) async fn relay(
         if node_reading && !to_client.pending() && !node_buf.is_empty() {
             let mut inj = Injections::default();
             match scan(&mut node_framer, &node_buf, |frame, f| {
-                hooks.node_stanza(frame, f, &mut inj)
+                hooks.node_stanza(frame, f, &mut inj);
+                inj.close.is_none()
             }) {
                 Ok(b) => {
                     if b.ready > 0 {
@@ -286,6 +295,15 @@ pub(super) async fn relay(
                             .stanzas_down
                             .fetch_add(b.stanzas, Ordering::Relaxed);
                         to_client.push(node_buf.split_to(b.ready).freeze(), wt);
+                    }
+                    if b.stopped {
+                        let xml = inj.close.take().unwrap_or_default();
+                        close!(
+                            End::Error(ConnError::Protocol(Side::Node, "the node logged in another user than the one routed".into())),
+                            to_client: Some(Bytes::from(xml)),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                        continue;
                     }
                     queue_injections(inj, &mut to_client, &mut to_node, wt);
                     if b.closed {
@@ -298,7 +316,7 @@ pub(super) async fn relay(
                     to_client.push(node_buf.split_to(ready).freeze(), wt);
                     let xml = stream::stream_error(
                         "internal-server-error",
-                        Some("the node sent invalid XML"),
+                        Some(&super::node_frame_error_text(&e)),
                         None,
                     );
                     close!(

@@ -21,5 +21,5 @@ mod stream;
 mod xml;
 
 pub use client::{ClientError, ClientTls, SimClient, Stanza};
-pub use node::{LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair};
+pub use node::{LoginCapacity, PlainAuthzid, Roster, SimNode, SimNodeConfig, SimPair};
 pub use reconnect::{ReconnectPolicy, Relogin};

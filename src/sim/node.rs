@@ -253,6 +253,21 @@ pub struct SimNodeConfig {
     /// Expect a PROXY protocol v2 header on every connection (a connection
     /// without one is dropped) and record the client addresses it names.
     pub proxy_protocol: bool,
+    /// What a PLAIN authorization identity (authzid) does.
+    pub plain_authzid: PlainAuthzid,
+}
+
+/// How a node treats a SASL PLAIN authzid that differs from the authcid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlainAuthzid {
+    /// Refused with `<not-authorized/>` (the default).
+    #[default]
+    Refuse,
+    /// Ignored: the authcid is logged in (as Prosody does).
+    Ignore,
+    /// Honoured: the authzid is logged in once the authcid's password is
+    /// right (as a server with administrators acting for users may).
+    Honour,
 }
 
 impl SimNodeConfig {
@@ -277,6 +292,7 @@ impl SimNodeConfig {
             scram_iterations: 4096,
             login_capacity: None,
             proxy_protocol: false,
+            plain_authzid: PlainAuthzid::Refuse,
         }
     }
 }
@@ -351,6 +367,7 @@ struct Shared {
     kill_tx: watch::Sender<u64>,
     hang_tx: watch::Sender<bool>,
     proxy_protocol: bool,
+    plain_authzid: PlainAuthzid,
     /// Client addresses learned from PROXY headers, in arrival order.
     client_addrs: Mutex<Vec<SocketAddr>>,
     /// `LOCAL` PROXY headers received (the proxy's own connections).
@@ -434,6 +451,7 @@ impl SimNode {
             kill_tx: watch::Sender::new(0),
             hang_tx: watch::Sender::new(false),
             proxy_protocol: cfg.proxy_protocol,
+            plain_authzid: cfg.plain_authzid,
             client_addrs: Mutex::new(Vec::new()),
             local_headers: AtomicU64::new(0),
         });
@@ -1465,10 +1483,19 @@ impl Conn {
             return self.sasl_failure("malformed-request");
         };
         let user = authcid.to_lowercase();
-        let ok_authz = authzid.is_empty()
+        let same = authzid.is_empty()
             || authzid.eq_ignore_ascii_case(&format!("{user}@{}", self.node.domain));
+        let (ok_authz, login_as) = match self.node.plain_authzid {
+            _ if same => (true, user.clone()),
+            PlainAuthzid::Refuse => (false, user.clone()),
+            PlainAuthzid::Ignore => (true, user.clone()),
+            PlainAuthzid::Honour => {
+                let local = authzid.split('@').next().unwrap_or(authzid).to_lowercase();
+                (self.node.users.contains_key(&local), local)
+            }
+        };
         if ok_authz && self.node.users.get(&user).is_some_and(|p| p == pass) {
-            self.authenticated(user, None);
+            self.authenticated(login_as, None);
         } else {
             self.sasl_failure("not-authorized");
         }

@@ -279,6 +279,18 @@ pub fn frame_error(e: &crate::xmpp::framer::FrameError) -> String {
             Some(&format!("stanza exceeds the limit of {limit} bytes")),
             None,
         ),
+        FrameError::TooDeep { limit } => stream_error(
+            "policy-violation",
+            Some(&format!("elements nested deeper than the limit of {limit}")),
+            None,
+        ),
+        FrameError::TooManyAttributes { limit } => stream_error(
+            "policy-violation",
+            Some(&format!(
+                "an element has more attributes than the limit of {limit}"
+            )),
+            None,
+        ),
     }
 }
 
