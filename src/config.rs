@@ -622,7 +622,7 @@ impl Config {
     /// separate so that tests can build a config in memory).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let key = toml_error_key(&e);
+            let key = toml_error_key(&e, text);
             ConfigError::new(key, e.to_string().trim_end().to_string())
         })
     }
@@ -714,6 +714,25 @@ impl Config {
                 "listen",
                 "set at least one of listen.starttls and listen.direct_tls",
             ));
+        }
+        let mut listeners = vec![
+            ("listen.starttls", self.listen.starttls),
+            ("listen.direct_tls", self.listen.direct_tls),
+        ];
+        if self.admin.enabled {
+            listeners.push(("admin.listen", Some(self.admin.listen)));
+        }
+        for (i, (ka, a)) in listeners.iter().enumerate() {
+            for (kb, b) in &listeners[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b) {
+                    if listen_overlap(*a, *b) {
+                        return Err(ConfigError::new(
+                            *kb,
+                            format!("{b} is the port of {ka} ({a}); each listener needs its own"),
+                        ));
+                    }
+                }
+            }
         }
         for (i, s) in self.tls.sni.iter().enumerate() {
             if !is_domain(&s.domain) {
@@ -1028,6 +1047,14 @@ impl LimitsConfig {
     }
 }
 
+/// Whether two listen addresses would take the same port (0 asks the
+/// kernel for a free one, so it never clashes).
+fn listen_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Group name rule: 1–128 letters, digits, `_` and `-`.
 pub fn validate_group_name(name: &str) -> Result<(), ConfigError> {
     if name.is_empty() {
@@ -1094,7 +1121,7 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
 
 /// Best-effort dotted key path for a TOML error (toml reports a span; the
 /// key name is in the message for unknown fields and in the span otherwise).
-fn toml_error_key(e: &toml::de::Error) -> String {
+fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
@@ -1107,9 +1134,55 @@ fn toml_error_key(e: &toml::de::Error) -> String {
         }
     }
     match e.span() {
-        Some(span) => format!("at byte {}", span.start),
+        Some(span) => key_at(text, span.start),
         None => "<file>".to_string(),
     }
+}
+
+/// The dotted key (`limits.max_connections`, `nodes[1].address`) whose
+/// line holds byte `offset` of the TOML `text`, or the table, or the line
+/// number when the line names no key.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let mut table = String::new();
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    let mut line_start = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let line_end = line_start + line.len();
+        let t = line.trim();
+        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let i = arrays
+                .entry(name.clone())
+                .and_modify(|i| *i += 1)
+                .or_insert(0);
+            Some(format!("{name}[{i}]"))
+        } else {
+            t.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|name| name.trim().to_string())
+        };
+        let at_line = offset < line_end || line_end == text.len();
+        if let Some(h) = header {
+            if at_line {
+                return h;
+            }
+            table = h;
+        } else if at_line {
+            let key = t
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_string())
+                .filter(|k| !k.is_empty() && !k.starts_with('#'));
+            return match (key, table.is_empty()) {
+                (Some(k), true) => k,
+                (Some(k), false) => format!("{table}.{k}"),
+                (None, true) => format!("line {}", n + 1),
+                (None, false) => format!("{table} (line {})", n + 1),
+            };
+        }
+        line_start = line_end;
+    }
+    "<file>".to_string()
 }
 
 /// A complete example configuration (also used by the tests and the docs).

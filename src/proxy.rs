@@ -25,12 +25,12 @@ use crate::failover::{self, Admission, FailoverContext, Hints, Pacer};
 use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::GroupHandle;
 use crate::metrics::Metrics;
-use crate::node::{NodeId, PAIR};
+use crate::node::PAIR;
 use crate::reload::Reloader;
-use crate::route::{Assignment, Routing};
-use crate::tls::{server_tls, LiveTls};
+use crate::route::Routing;
+use crate::tls::LiveTls;
 use crate::tracker::Tracker;
-use crate::upstream::{Mechanisms, Nodes};
+use crate::upstream::Mechanisms;
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -77,19 +77,10 @@ impl Proxy {
         config: Config,
         path: Option<PathBuf>,
     ) -> Result<Proxy, StartError> {
-        config.validate()?;
-        let tls = Arc::new(LiveTls::new(server_tls(&config.tls)?));
-        let overrides = config
-            .load_assignment_overrides()?
-            .into_iter()
-            .filter_map(|(jid, i)| NodeId::from_index(i).map(|n| (jid, n)))
-            .collect();
-        let assignment = Arc::new(Assignment::new(
-            config.group.assignment,
-            &config.node_names(),
-            overrides,
-        ));
-        let nodes = Arc::new(Nodes::from_config(&config)?);
+        let loaded = crate::preflight::load(&config)?;
+        let tls = Arc::new(LiveTls::new(loaded.tls));
+        let assignment = Arc::new(loaded.assignment);
+        let nodes = Arc::new(loaded.nodes);
         let bind = |a: Option<SocketAddr>| async move {
             match a {
                 None => Ok(None),
