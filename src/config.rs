@@ -392,8 +392,12 @@ pub struct SniCert {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Concurrent client connections; further accepts wait for a slot.
+    /// Concurrent client connections; one more is told
+    /// `<resource-constraint/>` at once and closed.
     pub max_connections: usize,
+    /// Over-capacity clients being told so at one time (per listener);
+    /// beyond it they are closed without a word.
+    pub over_capacity_refusals: usize,
     /// Time allowed for the client's TLS handshake.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
@@ -448,6 +452,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 50_000,
+            over_capacity_refusals: 64,
             tls_handshake_timeout: Duration::from_secs(10),
             pre_auth_timeout: Duration::from_secs(30),
             max_stanza_bytes: 262_144,

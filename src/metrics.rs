@@ -11,6 +11,9 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Connections open now.
     pub connections_active: AtomicU64,
+    /// Connections refused with `<resource-constraint/>` because
+    /// `limits.max_connections` were open.
+    pub connections_refused: AtomicU64,
     /// Logins routed to a node (`<auth>` forwarded).
     pub logins_routed: AtomicU64,
     /// Stanzas client → node.

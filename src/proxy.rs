@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore, TryAcquireError};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::connection::{Accepted, ClientConnection, ConnContext};
+use crate::connection::{refuse_over_capacity, Accepted, ClientConnection, ConnContext};
 use crate::failover::{self, Admission, FailoverContext, Hints, Pacer};
 use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::GroupHandle;
@@ -277,12 +277,12 @@ async fn accept_loop(
     next_conn: Arc<AtomicU64>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    // Over-capacity clients being told so (each needs a moment, a TLS
+    // handshake on the direct-TLS port); beyond this many they are closed.
+    let refusing = Arc::new(Semaphore::new(
+        ctx.load().limits.over_capacity_refusals.max(1),
+    ));
     loop {
-        // Wait for a free slot before accepting: excess clients wait in the
-        // kernel's backlog instead of consuming memory here.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
             Ok(x) => {
                 backoff = Duration::from_millis(5);
@@ -298,6 +298,30 @@ async fn accept_loop(
         };
         // The settings in force now, kept to the connection's end.
         let ctx = ctx.load_full();
+        // A slot is taken only for an accepted client, so exactly
+        // `max_connections` are served; one more is told at once.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                ctx.metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(client.addr = %peer, "connection refused: max_connections reached");
+                let accepted = Accepted {
+                    tcp,
+                    peer,
+                    direct_tls: direct,
+                };
+                if let Ok(r) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse_over_capacity(accepted, ctx).await;
+                        drop(r);
+                    });
+                }
+                continue;
+            }
+        };
         ctx.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);

@@ -287,3 +287,25 @@ async fn deep_nesting_on_the_plain_port_is_refused() {
     let got = String::from_utf8_lossy(&out);
     assert!(got.contains("<policy-violation"), "{got}");
 }
+
+/// Finding 6: `max_connections` is exact (an idle accept loop holds no
+/// slot), and a client over the cap gets `<resource-constraint/>` at once,
+/// on either port; a freed slot serves the next client.
+#[tokio::test]
+async fn max_connections_is_exact_and_one_more_gets_resource_constraint() {
+    let g = TestGroup::start_with("balanced", "[limits]\nmax_connections = 2\n", |_| {}).await;
+    let a = client(&g).await;
+    let _b = client(&g).await;
+    let r = SimClient::connect(g.starttls, DOMAIN, g.starttls_tls()).await;
+    stream_error(r.map(|_| ()), "resource-constraint");
+    let r = SimClient::connect(g.direct, DOMAIN, g.direct_tls()).await;
+    stream_error(r.map(|_| ()), "resource-constraint");
+    assert_eq!(g.view.metrics.connections_refused.load(Relaxed), 2);
+    a.close().await.unwrap();
+    assert!(
+        eventually(T, || g.view.metrics.connections_active.load(Relaxed) == 1).await,
+        "the closed connection frees its slot"
+    );
+    let mut c = client(&g).await;
+    c.login("alice", "pw", "PLAIN").await.unwrap();
+}

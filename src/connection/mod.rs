@@ -1133,6 +1133,33 @@ impl ClientConnection {
     }
 }
 
+/// Tells a client accepted over `limits.max_connections` that the proxy is
+/// full, at once: its stream header and `<resource-constraint/>` (after the
+/// TLS handshake on the direct-TLS port), then the connection is closed.
+/// Bounded by the TLS handshake and write deadlines.
+pub async fn refuse_over_capacity(a: Accepted, ctx: Arc<ConnContext>) {
+    let limits = &ctx.limits;
+    let mut out = stream::server_header(&ctx.domains[0], &stream_id());
+    out.push_str(&stream::stream_error(
+        "resource-constraint",
+        Some("the proxy serves as many connections as it may; try again later"),
+        None,
+    ));
+    out.push_str("</stream:stream>");
+    let _ = a.tcp.set_nodelay(true);
+    let mut io: BoxStream = if a.direct_tls {
+        let acceptor = TlsAcceptor::from(ctx.tls.direct.load_full());
+        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(a.tcp)).await {
+            Ok(Ok(t)) => Box::new(t),
+            _ => return,
+        }
+    } else {
+        Box::new(a.tcp)
+    };
+    let _ = relay::write_within(&mut io, out.as_bytes(), limits.write_timeout, Side::Client).await;
+    let _ = tokio::time::timeout(limits.write_timeout, io.shutdown()).await;
+}
+
 /// Resolves when the proxy starts shutting down.
 pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     if *rx.borrow() {
