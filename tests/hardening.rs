@@ -309,3 +309,22 @@ async fn max_connections_is_exact_and_one_more_gets_resource_constraint() {
     let mut c = client(&g).await;
     c.login("alice", "pw", "PLAIN").await.unwrap();
 }
+
+/// Finding 8: a node's stanza over the proxy's cap is reported to the
+/// client as such, not as invalid XML.
+#[tokio::test]
+async fn a_nodes_oversize_stanza_is_reported_as_oversize() {
+    let g = TestGroup::start_with("balanced", "[limits]\nmax_stanza_bytes = 10000\ninject_queue_bytes = 10000\npre_auth_stanza_bytes = 4096\n", |c| {
+        // A roster of 400 contacts is far over 10 000 bytes.
+        c.users
+            .extend((0..400).map(|i| (format!("contact-number-{i:04}"), "pw".to_string())));
+    })
+    .await;
+    let mut alice = g.login("alice", "PLAIN", "desk").await;
+    let raw = stream_error(alice.roster().await, "internal-server-error");
+    assert!(
+        raw.contains("larger than the limit of 10000 bytes"),
+        "{raw}"
+    );
+    assert!(!raw.contains("invalid XML"), "{raw}");
+}

@@ -653,6 +653,7 @@ impl ClientConnection {
                 r = relay::read_some(&mut o.client.io, &mut o.client.buf) => match r {
                     Ok(0) => return Err(End::ClientClosed.into()),
                     Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(End::ClientClosed.into()),
                     Err(e) => return Err(End::Error(ConnError::io(Side::Client, "read", e)).into()),
                 },
                 r = relay::read_some(&mut node.io, &mut node.buf) => match r {
@@ -1042,6 +1043,7 @@ impl ClientConnection {
                 r = tokio::time::timeout_at(self.deadline, relay::read_some(&mut c.io, &mut c.buf)) => match r {
                     Ok(Ok(0)) => return Err(End::ClientClosed),
                     Ok(Ok(_)) => continue,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(End::ClientClosed),
                     Ok(Err(e)) => return Err(ConnError::io(Side::Client, "read", e).into()),
                     Err(_) => return Err(self.pre_auth_over(c, false).await),
                 },

@@ -405,6 +405,13 @@ pub(super) async fn relay(
                     );
                 }
                 Ok(_) => {}
+                // TLS ended without close_notify: as good as a close for XMPP,
+                // whose stream has its own end.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => close!(
+                    End::ClientClosed,
+                    to_client: None::<Bytes>,
+                    to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                ),
                 Err(e) => close!(
                     End::Error(ConnError::io(Side::Client, "read", e)),
                     to_client: None::<Bytes>,
