@@ -15,16 +15,16 @@
 //!    group state;
 //! 5. → **admit** → [`Admitted`]: the admission step
 //!    ([`failover::Admission`]) may hold or refuse the login;
-//! 6. → **connect**: open a stream to that node, forward the `<auth>`;
-//! 6½. → **exchange** → [`Relaying`]: the proxy stays in control of the
-//!    SASL exchange, passing challenges and responses, until the node
+//! 6. → **connect**: open a stream to that node, forward the `<auth>`,
+//!    then → **exchange** → [`Relaying`]: the proxy stays in control of
+//!    the SASL exchange, passing challenges and responses, until the node
 //!    answers `<success/>` (go on) or `<failure/>` (back to step 3 with a
 //!    new node connection);
 //! 7. → **relay** ([`relay`]): both directions through the framer, byte for
 //!    byte, stanzas shown to the [`hooks`], until either side closes, the
 //!    connection is evicted, or the proxy shuts down.
 //!
-//! A refusal in steps 3–6 and a node's `<failure/>` in 6½ are failed
+//! A refusal in steps 3–6 and a node's `<failure/>` in the exchange are failed
 //! authentications: the client may try again on the same stream, and the
 //! stream is closed with `<policy-violation/>` after
 //! `limits.max_auth_attempts` of them. The pre-auth deadline runs from
@@ -472,7 +472,7 @@ impl ClientConnection {
         })
     }
 
-    /// Phases 3–6½, retried on the same stream after a SASL failure.
+    /// Phases 3–6 and the exchange, retried on the same stream after a SASL failure.
     async fn authenticate(&mut self, mut o: Opened) -> Result<Relaying, End> {
         let mut failures = 0;
         loop {
@@ -527,7 +527,7 @@ impl ClientConnection {
         }
     }
 
-    /// Phase 6½: the SASL exchange between the client and the node, up to
+    /// Phase 6, continued: the SASL exchange between the client and the node, up to
     /// the node's `<success/>` (the node stream, ready to relay) or
     /// `<failure/>` (forwarded, the node connection closed, a retry).
     async fn exchange(
