@@ -96,7 +96,8 @@ impl Group {
         }
         text.push_str(&format!(
             "[listen]\nstarttls = \"127.0.0.1:0\"\ndirect_tls = \"127.0.0.1:0\"\n\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[srm]\n{}",
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n[srm]\n{}",
             certs.cert(),
             certs.key(),
             setup.srm

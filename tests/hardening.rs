@@ -328,3 +328,50 @@ async fn a_nodes_oversize_stanza_is_reported_as_oversize() {
     );
     assert!(!raw.contains("invalid XML"), "{raw}");
 }
+
+/// Finding 10: a node offering STARTTLS after login (Prosody with a
+/// certificate) does not show it to the client; a client's `<starttls/>`
+/// on its encrypted stream is answered by the proxy with `<failure/>` and
+/// the stream is closed, never forwarded.
+#[tokio::test]
+async fn the_nodes_starttls_offer_never_reaches_the_client() {
+    let certs = Certs::new();
+    let node_tls = prg_proxy::tls::server_tls(&prg_proxy::config::TlsConfig {
+        cert: certs.dir.path().join("cert.pem"),
+        key: certs.dir.path().join("key.pem"),
+        sni: vec![],
+    })
+    .unwrap();
+    let mut c1 = prg_proxy::sim::SimNodeConfig::new("imp1", DOMAIN, users());
+    c1.tls = Some(node_tls.starttls.clone());
+    let mut c2 = prg_proxy::sim::SimNodeConfig::new("imp2", DOMAIN, users());
+    c2.tls = Some(node_tls.starttls.clone());
+    let pair = prg_proxy::sim::SimPair::start(c1, c2).await.unwrap();
+    let text = config_text(
+        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+        "balanced",
+        &certs,
+        "",
+    );
+    let g = TestGroup::launch(pair, certs, &text).await;
+    for tls in [g.starttls_tls(), g.direct_tls()] {
+        let addr = if matches!(tls, prg_proxy::sim::ClientTls::Direct { .. }) {
+            g.direct
+        } else {
+            g.starttls
+        };
+        let mut c = SimClient::connect(addr, DOMAIN, tls).await.unwrap();
+        c.login("alice", "pw", "PLAIN").await.unwrap();
+        let features = c.features_raw().to_string();
+        assert!(features.contains("xmpp-bind"), "{features}");
+        assert!(!features.contains("starttls"), "{features}");
+        c.bind("desk").await.unwrap();
+        c.send_raw("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+            .await
+            .unwrap();
+        let s = c.recv(T).await.unwrap();
+        assert_eq!(s.name, "failure", "{}", s.raw);
+        assert!(s.raw.contains("xmpp-tls"), "{}", s.raw);
+        assert!(matches!(c.recv(T).await, Err(ClientError::Closed)));
+    }
+}

@@ -140,8 +140,9 @@ struct Batch {
     ready: usize,
     stanzas: u64,
     closed: bool,
-    /// A hook asked to end the stream at the stanza after `ready`.
-    stopped: bool,
+    /// Scanning stopped at the stanza after `ready` (of this length),
+    /// which the caller handles itself.
+    stopped: Option<usize>,
 }
 
 /// Frames everything complete in `buf`, calling `observe` for each stanza
@@ -156,14 +157,14 @@ fn scan(
         ready: 0,
         stanzas: 0,
         closed: false,
-        stopped: false,
+        stopped: None,
     };
     loop {
         match framer.next(&buf[b.ready..]) {
             Ok(Some(f)) => {
                 if f.kind == FrameKind::Stanza {
                     if !observe(&buf[b.ready..b.ready + f.len], &f) {
-                        b.stopped = true;
+                        b.stopped = Some(f.len);
                         return Ok(b);
                     }
                     b.stanzas += 1;
@@ -247,6 +248,10 @@ pub(super) async fn relay(
         if client_reading && !to_node.pending() && !client_buf.is_empty() {
             let mut inj = Injections::default();
             match scan(&mut client_framer, &client_buf, |frame, f| {
+                // TLS is the proxy's: a second <starttls/> is its to answer.
+                if f.name(frame) == b"starttls" {
+                    return false;
+                }
                 hooks.client_stanza(frame, f, &mut inj);
                 true
             }) {
@@ -257,6 +262,15 @@ pub(super) async fn relay(
                             .fetch_add(b.ready as u64, Ordering::Relaxed);
                         p.metrics.stanzas_up.fetch_add(b.stanzas, Ordering::Relaxed);
                         to_node.push(client_buf.split_to(b.ready).freeze(), wt);
+                    }
+                    if b.stopped.is_some() {
+                        queue_injections(inj, &mut to_client, &mut to_node, wt);
+                        close!(
+                            End::Error(ConnError::Protocol(Side::Client, "<starttls/> on an encrypted stream".into())),
+                            to_client: Some(Bytes::from_static(stream::TLS_FAILURE_CLOSE.as_bytes())),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                        continue;
                     }
                     queue_injections(inj, &mut to_client, &mut to_node, wt);
                     if b.closed {
@@ -282,7 +296,16 @@ pub(super) async fn relay(
         }
         if node_reading && !to_client.pending() && !node_buf.is_empty() {
             let mut inj = Injections::default();
+            let mut features: Option<Vec<u8>> = None;
             match scan(&mut node_framer, &node_buf, |frame, f| {
+                // The proxy owns the client's TLS: the node's STARTTLS
+                // offer is taken out of its features.
+                if f.name(frame).ends_with(b"features") {
+                    if let Some(rewritten) = stream::features_without_starttls(frame) {
+                        features = Some(rewritten);
+                        return false;
+                    }
+                }
                 hooks.node_stanza(frame, f, &mut inj);
                 inj.close.is_none()
             }) {
@@ -296,7 +319,13 @@ pub(super) async fn relay(
                             .fetch_add(b.stanzas, Ordering::Relaxed);
                         to_client.push(node_buf.split_to(b.ready).freeze(), wt);
                     }
-                    if b.stopped {
+                    if let (Some(len), Some(rewritten)) = (b.stopped, features.take()) {
+                        queue_injections(inj, &mut to_client, &mut to_node, wt);
+                        node_buf.advance(len);
+                        to_client.push(Bytes::from(rewritten), wt);
+                        continue;
+                    }
+                    if b.stopped.is_some() {
                         let xml = inj.close.take().unwrap_or_default();
                         close!(
                             End::Error(ConnError::Protocol(Side::Node, "the node logged in another user than the one routed".into())),

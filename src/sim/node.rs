@@ -1281,6 +1281,11 @@ impl Conn {
                 f.push_str("</mechanisms>");
             }
         } else {
+            // As Prosody's mod_tls: STARTTLS is offered on every stream that
+            // is not encrypted, the one after SASL too.
+            if self.node.tls.is_some() && !self.tls {
+                f.push_str("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+            }
             f.push_str(
                 "<ver xmlns='urn:xmpp:features:rosterver'/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><required/></bind><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>",
             );
