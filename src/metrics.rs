@@ -16,6 +16,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Logins routed to a node (`<auth>` forwarded).
     pub logins_routed: AtomicU64,
+    /// Logins routed again because their node was marked down while the
+    /// proxy was connecting to it.
+    pub logins_rerouted: AtomicU64,
     /// Stanzas client → node.
     pub stanzas_up: AtomicU64,
     /// Stanzas node → client.

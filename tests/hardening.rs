@@ -375,3 +375,39 @@ async fn the_nodes_starttls_offer_never_reaches_the_client() {
         assert!(matches!(c.recv(T).await, Err(ClientError::Closed)));
     }
 }
+
+/// Finding 7: a login in flight to a node that is marked down meanwhile is
+/// routed again at once (not after the full upstream connect timeout).
+#[tokio::test]
+async fn a_login_in_flight_to_a_node_marked_down_is_routed_again() {
+    let g = TestGroup::start_with(
+        "balanced",
+        "[limits]\nupstream_connect_timeout = \"60s\"\npre_auth_timeout = \"90s\"\n\n\
+         [srm]\nheartbeat_interval = \"200ms\"\nheartbeat_timeout = \"1s\"\n\
+         initial_heartbeat_timeout = \"3s\"\ncritical_service_delay = \"1s\"\n",
+        |_| {},
+    )
+    .await;
+    use prg_proxy::group::{NodeState, Reason};
+    let mut rx = g.view.group_status();
+    let normal = (NodeState::Normal, Reason::Normal);
+    tokio::time::timeout(
+        T,
+        rx.wait_for(|s| s.state(N1) == normal && s.state(N2) == normal),
+    )
+    .await
+    .expect("the group reaches Normal")
+    .unwrap();
+    assert_eq!(g.view.home("alice@example.com"), Ok(N1));
+    // Node 1 hangs: TCP connects, nothing answers.
+    g.pair.nodes[0].hang();
+    let mut c = client(&g).await;
+    tokio::time::timeout(T, c.login("alice", "pw", "PLAIN"))
+        .await
+        .expect("routed again well before the connect timeout")
+        .unwrap();
+    c.bind("desk").await.unwrap();
+    assert_eq!(g.pair.nodes[1].session_count(), 1, "on node 2");
+    assert_eq!(g.view.metrics.logins_rerouted.load(Relaxed), 1);
+    g.pair.nodes[0].resume();
+}

@@ -292,6 +292,14 @@ pub struct Relaying {
     forwarded_at: Instant,
 }
 
+/// What the connect step produced.
+enum Connected {
+    /// The node stream, the `<auth>` forwarded.
+    Node(NodeStream, Routed),
+    /// The target was marked down meanwhile: the login is routed again.
+    Moved(Identified),
+}
+
 /// Why a login phase did not produce its value.
 enum Refused {
     /// The client was sent a SASL failure and may try again; `true` when
@@ -478,10 +486,15 @@ impl ClientConnection {
         loop {
             let step = async {
                 let identified = self.identify(&mut o).await?;
-                let routed = self.route(&mut o, identified).await?;
-                let admitted = self.admit(&mut o, routed).await?;
-                let (node, routed) = self.connect(&mut o, admitted).await?;
-                self.exchange(&mut o, node, routed).await
+                let mut routed = self.route(&mut o, identified).await?;
+                loop {
+                    let admitted = self.admit(&mut o, routed).await?;
+                    match self.connect(&mut o, admitted).await? {
+                        Connected::Node(node, r) => return self.exchange(&mut o, node, r).await,
+                        // The node was marked down meanwhile: route again.
+                        Connected::Moved(id) => routed = self.route(&mut o, id).await?,
+                    }
+                }
             }
             .await;
             let counts = match step {
@@ -845,21 +858,34 @@ impl ClientConnection {
     }
 
     /// Phase 6: the node stream, with the `<auth>` forwarded.
-    async fn connect(&self, o: &mut Opened, a: Admitted) -> Result<(NodeStream, Routed), Refused> {
+    async fn connect(&self, o: &mut Opened, a: Admitted) -> Result<Connected, Refused> {
         let routed = a.routed;
         let target = routed.target;
         let limits = &self.ctx.limits;
-        let mut node = match self
-            .ctx
-            .nodes
-            .open_from(
-                target,
-                &o.domain,
-                limits.upstream_connect_timeout,
-                self.peer,
-            )
-            .await
-        {
+        let opening = self.ctx.nodes.open_from(
+            target,
+            &o.domain,
+            limits.upstream_connect_timeout,
+            self.peer,
+        );
+        let opened = tokio::select! {
+            r = opening => r,
+            () = self.ctx.routing.moved(routed.home, target) => {
+                info!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), "the node was marked down while connecting; routing the login again");
+                self.ctx.metrics.logins_rerouted.fetch_add(1, Ordering::Relaxed);
+                return Ok(Connected::Moved(routed.id));
+            }
+            () = tokio::time::sleep_until(self.deadline) => {
+                let x = stream::stream_error(
+                    "remote-connection-failed",
+                    Some("the user's node did not answer before the login deadline"),
+                    None,
+                );
+                let _ = self.send(&mut o.client, x.as_bytes()).await;
+                return Err(End::Error(ConnError::Timeout("connecting to the node")).into());
+            }
+        };
+        let mut node = match opened {
             Ok(n) => n,
             Err(e) => {
                 warn!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), error = %e, "node unavailable");
@@ -894,7 +920,7 @@ impl ClientConnection {
             .metrics
             .logins_routed
             .fetch_add(1, Ordering::Relaxed);
-        Ok((node, routed))
+        Ok(Connected::Node(node, routed))
     }
 
     /// Phase 7: relay both ways until an end.
