@@ -295,7 +295,7 @@ pub struct Relaying {
 /// What the connect step produced.
 enum Connected {
     /// The node stream, the `<auth>` forwarded.
-    Node(NodeStream, Routed),
+    Node(Box<NodeStream>, Routed),
     /// The target was marked down meanwhile: the login is routed again.
     Moved(Identified),
 }
@@ -490,7 +490,7 @@ impl ClientConnection {
                 loop {
                     let admitted = self.admit(&mut o, routed).await?;
                     match self.connect(&mut o, admitted).await? {
-                        Connected::Node(node, r) => return self.exchange(&mut o, node, r).await,
+                        Connected::Node(node, r) => return self.exchange(&mut o, *node, r).await,
                         // The node was marked down meanwhile: route again.
                         Connected::Moved(id) => routed = self.route(&mut o, id).await?,
                     }
@@ -920,7 +920,7 @@ impl ClientConnection {
             .metrics
             .logins_routed
             .fetch_add(1, Ordering::Relaxed);
-        Ok(Connected::Node(node, routed))
+        Ok(Connected::Node(Box::new(node), routed))
     }
 
     /// Phase 7: relay both ways until an end.
