@@ -647,8 +647,13 @@ impl ClientConnection {
                     || !sasl
                     || !(name == b"response" || name == b"abort")
                 {
+                    let text = if sasl && name == b"auth" {
+                        "an authentication is in progress; send <abort/> before a new <auth/>"
+                    } else {
+                        "only SASL <response/> and <abort/> are valid during authentication"
+                    };
                     return Err(self
-                        .refuse_stream(&mut o.client, "not-authorized", "authenticate first")
+                        .refuse_stream(&mut o.client, "not-authorized", text)
                         .await
                         .into());
                 }
