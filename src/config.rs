@@ -487,8 +487,12 @@ pub struct SniCert {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Concurrent client connections; further accepts wait for a slot.
+    /// Concurrent client connections; one more is told
+    /// `<resource-constraint/>` at once and closed.
     pub max_connections: usize,
+    /// Over-capacity clients being told so at one time (per listener);
+    /// beyond it they are closed without a word.
+    pub over_capacity_refusals: usize,
     /// Time allowed for the client's TLS handshake.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
@@ -514,8 +518,26 @@ pub struct LimitsConfig {
     /// node's `</stream:stream>` before closing the node connection.
     #[serde(with = "humantime_serde")]
     pub close_wait: Duration,
-    /// SASL attempts on one stream before the proxy closes it.
+    /// Failed authentications on one stream (refused by the proxy or by
+    /// the node) before the proxy closes it with `<policy-violation/>`.
     pub max_auth_attempts: u32,
+    /// Largest element accepted from a client before SASL success (only
+    /// `<starttls/>`, `<auth>`, `<response>` and `<abort/>` are valid there).
+    pub pre_auth_stanza_bytes: usize,
+    /// Deepest element nesting accepted inside one stanza, either side.
+    pub max_depth: u32,
+    /// Most attributes accepted on one element, either side.
+    pub max_attributes: u32,
+    /// Failed authentications from one source address within
+    /// `auth_fail_window` after which its logins are refused for
+    /// `auth_ban_time` (0 switches the cooling-off off).
+    pub auth_fail_limit: u32,
+    /// The window `auth_fail_limit` counts failures in.
+    #[serde(with = "humantime_serde")]
+    pub auth_fail_window: Duration,
+    /// How long a source address over `auth_fail_limit` is refused.
+    #[serde(with = "humantime_serde")]
+    pub auth_ban_time: Duration,
     /// Bytes that may wait to be injected into one client stream (replayed
     /// stanzas); further injections are refused.
     pub inject_queue_bytes: usize,
@@ -525,6 +547,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 50_000,
+            over_capacity_refusals: 64,
             tls_handshake_timeout: Duration::from_secs(10),
             pre_auth_timeout: Duration::from_secs(30),
             max_stanza_bytes: 262_144,
@@ -534,6 +557,12 @@ impl Default for LimitsConfig {
             write_timeout: Duration::from_secs(15),
             close_wait: Duration::from_secs(5),
             max_auth_attempts: 5,
+            pre_auth_stanza_bytes: 16_384,
+            max_depth: 64,
+            max_attributes: 50,
+            auth_fail_limit: 20,
+            auth_fail_window: Duration::from_secs(60),
+            auth_ban_time: Duration::from_secs(600),
             inject_queue_bytes: 524_288,
         }
     }
@@ -693,7 +722,7 @@ impl Config {
     /// separate so that tests can build a config in memory).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let key = toml_error_key(&e);
+            let key = toml_error_key(&e, text);
             ConfigError::new(key, e.to_string().trim_end().to_string())
         })
     }
@@ -785,6 +814,25 @@ impl Config {
                 "listen",
                 "set at least one of listen.starttls and listen.direct_tls",
             ));
+        }
+        let mut listeners = vec![
+            ("listen.starttls", self.listen.starttls),
+            ("listen.direct_tls", self.listen.direct_tls),
+        ];
+        if self.admin.enabled {
+            listeners.push(("admin.listen", Some(self.admin.listen)));
+        }
+        for (i, (ka, a)) in listeners.iter().enumerate() {
+            for (kb, b) in &listeners[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b) {
+                    if listen_overlap(*a, *b) {
+                        return Err(ConfigError::new(
+                            *kb,
+                            format!("{b} is the port of {ka} ({a}); each listener needs its own"),
+                        ));
+                    }
+                }
+            }
         }
         for (i, s) in self.tls.sni.iter().enumerate() {
             if !is_domain(&s.domain) {
@@ -1044,6 +1092,32 @@ impl LimitsConfig {
                 "must be at least 1",
             ));
         }
+        if self.pre_auth_stanza_bytes < 1024 || self.pre_auth_stanza_bytes > self.max_stanza_bytes {
+            return Err(ConfigError::new(
+                "limits.pre_auth_stanza_bytes",
+                "must be between 1024 and limits.max_stanza_bytes",
+            ));
+        }
+        if self.max_depth < 8 {
+            return Err(ConfigError::new(
+                "limits.max_depth",
+                "must be at least 8 (a bind result alone nests 3 deep)",
+            ));
+        }
+        if self.max_attributes < 8 {
+            return Err(ConfigError::new(
+                "limits.max_attributes",
+                "must be at least 8 (stream headers carry 5)",
+            ));
+        }
+        if self.auth_fail_limit > 0
+            && (self.auth_fail_window.is_zero() || self.auth_ban_time.is_zero())
+        {
+            return Err(ConfigError::new(
+                "limits.auth_ban_time",
+                "auth_fail_window and auth_ban_time must be greater than zero when auth_fail_limit is set",
+            ));
+        }
         if self.inject_queue_bytes < self.max_stanza_bytes {
             return Err(ConfigError::new(
                 "limits.inject_queue_bytes",
@@ -1072,6 +1146,14 @@ impl LimitsConfig {
         }
         Ok(())
     }
+}
+
+/// Whether two listen addresses would take the same port (0 asks the
+/// kernel for a free one, so it never clashes).
+fn listen_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Group name rule: 1–128 letters, digits, `_` and `-`.
@@ -1140,7 +1222,7 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
 
 /// Best-effort dotted key path for a TOML error (toml reports a span; the
 /// key name is in the message for unknown fields and in the span otherwise).
-fn toml_error_key(e: &toml::de::Error) -> String {
+fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message();
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some(end) = rest.find('`') {
@@ -1153,9 +1235,55 @@ fn toml_error_key(e: &toml::de::Error) -> String {
         }
     }
     match e.span() {
-        Some(span) => format!("at byte {}", span.start),
+        Some(span) => key_at(text, span.start),
         None => "<file>".to_string(),
     }
+}
+
+/// The dotted key (`limits.max_connections`, `nodes[1].address`) whose
+/// line holds byte `offset` of the TOML `text`, or the table, or the line
+/// number when the line names no key.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let mut table = String::new();
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    let mut line_start = 0;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let line_end = line_start + line.len();
+        let t = line.trim();
+        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let i = arrays
+                .entry(name.clone())
+                .and_modify(|i| *i += 1)
+                .or_insert(0);
+            Some(format!("{name}[{i}]"))
+        } else {
+            t.strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .map(|name| name.trim().to_string())
+        };
+        let at_line = offset < line_end || line_end == text.len();
+        if let Some(h) = header {
+            if at_line {
+                return h;
+            }
+            table = h;
+        } else if at_line {
+            let key = t
+                .split_once('=')
+                .map(|(k, _)| k.trim().trim_matches('"').to_string())
+                .filter(|k| !k.is_empty() && !k.starts_with('#'));
+            return match (key, table.is_empty()) {
+                (Some(k), true) => k,
+                (Some(k), false) => format!("{table}.{k}"),
+                (None, true) => format!("line {}", n + 1),
+                (None, false) => format!("{table} (line {})", n + 1),
+            };
+        }
+        line_start = line_end;
+    }
+    "<file>".to_string()
 }
 
 /// A complete example configuration (also used by the tests and the docs).

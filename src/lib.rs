@@ -23,6 +23,8 @@
 //! - [`upstream`] — node addresses (host:port, DNS SRV), node streams, the
 //!   mechanisms learned from the nodes.
 //! - [`route`] — user assignment (home node) and who serves each home now.
+//! - [`preflight`] — everything a configuration must pass before anything
+//!   is bound (certificates included), shared by `check` and `run`.
 //! - [`tracker`] — every user's JSM sessions, per node: the hot path.
 //! - [`group`] — the redundancy group: recovery-manager state machine,
 //!   probes, the monitor that drives both, and the group's handle.
@@ -58,6 +60,7 @@ pub mod jid;
 pub mod logging;
 pub mod metrics;
 pub mod node;
+pub mod preflight;
 pub mod presence;
 pub mod prometheus;
 pub mod proxy;

@@ -147,8 +147,10 @@ fn main() -> ExitCode {
         json: cli.json,
     };
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
+        Command::Check { config } => match Config::load(&config)
+            .and_then(|c| rt.block_on(async { prg_proxy::preflight::load(&c).map(drop) }))
+        {
+            Ok(()) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }

@@ -11,8 +11,14 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Connections open now.
     pub connections_active: AtomicU64,
+    /// Connections refused with `<resource-constraint/>` because
+    /// `limits.max_connections` were open.
+    pub connections_refused: AtomicU64,
     /// Logins routed to a node (`<auth>` forwarded).
     pub logins_routed: AtomicU64,
+    /// Logins routed again because their node was marked down while the
+    /// proxy was connecting to it.
+    pub logins_rerouted: AtomicU64,
     /// Stanzas client → node.
     pub stanzas_up: AtomicU64,
     /// Stanzas node → client.

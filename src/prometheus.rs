@@ -9,10 +9,10 @@
 //!
 //! | metric | kind | labels |
 //! | --- | --- | --- |
-//! | `connections_total`, `connections_active` | counter, gauge | |
+//! | `connections_total`, `connections_active`, `connections_refused_total` | counter, gauge, counter | |
 //! | `sessions` | gauge | `node` |
 //! | `stanzas_total`, `bytes_total` | counter | `direction` (`client_to_node`, `node_to_client`) |
-//! | `logins_routed_total`, `logins_completed_total` | counter | –, `node` |
+//! | `logins_routed_total`, `logins_rerouted_total`, `logins_completed_total` | counter | –, –, `node` |
 //! | `node_failures_total`, `fast_detections_total`, `write_timeouts_total` | counter | |
 //! | `group_transitions_total`, `group_moves_total`, `group_evictions_total` | counter | |
 //! | `hints_issued_total` | counter | |
@@ -87,6 +87,12 @@ pub fn render(view: &ProxyView) -> String {
         "Client connections open now",
         clamp(load(&m.connections_active) as usize),
     );
+    counter(
+        r,
+        "connections_refused",
+        "Client connections refused with resource-constraint at max_connections",
+        load(&m.connections_refused),
+    );
 
     let sessions = Family::<Labels, Gauge>::default();
     for (id, name) in &nodes {
@@ -123,6 +129,12 @@ pub fn render(view: &ProxyView) -> String {
         "logins_routed",
         "Logins routed to a node (auth forwarded)",
         load(&m.logins_routed),
+    );
+    counter(
+        r,
+        "logins_rerouted",
+        "Logins routed again because their node was marked down while connecting",
+        load(&m.logins_rerouted),
     );
     let stats = &view.hints.pacer().stats;
     let completed = Family::<Labels, Counter>::default();

@@ -16,22 +16,22 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore, TryAcquireError};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::connection::{Accepted, ClientConnection, ConnContext};
+use crate::connection::{refuse_over_capacity, Accepted, ClientConnection, ConnContext};
 use crate::failover::{self, Admission, FailoverContext, Hints, Pacer};
 use crate::group::monitor::{self, MonitorContext, MoveOrder};
 use crate::group::GroupHandle;
 use crate::metrics::Metrics;
-use crate::node::{NodeId, PAIR};
+use crate::node::PAIR;
 use crate::presence::{PresenceHooks, Registry};
 use crate::reload::Reloader;
-use crate::route::{Assignment, Routing};
-use crate::tls::{server_tls, LiveTls};
+use crate::route::Routing;
+use crate::tls::LiveTls;
 use crate::tracker::Tracker;
-use crate::upstream::{Mechanisms, Nodes};
+use crate::upstream::Mechanisms;
 
 /// Errors that stop the proxy from starting.
 #[derive(Debug, thiserror::Error)]
@@ -80,19 +80,10 @@ impl Proxy {
         config: Config,
         path: Option<PathBuf>,
     ) -> Result<Proxy, StartError> {
-        config.validate()?;
-        let tls = Arc::new(LiveTls::new(server_tls(&config.tls)?));
-        let overrides = config
-            .load_assignment_overrides()?
-            .into_iter()
-            .filter_map(|(jid, i)| NodeId::from_index(i).map(|n| (jid, n)))
-            .collect();
-        let assignment = Arc::new(Assignment::new(
-            config.group.assignment,
-            &config.node_names(),
-            overrides,
-        ));
-        let nodes = Arc::new(Nodes::from_config(&config)?);
+        let loaded = crate::preflight::load(&config)?;
+        let tls = Arc::new(LiveTls::new(loaded.tls));
+        let assignment = Arc::new(loaded.assignment);
+        let nodes = Arc::new(loaded.nodes);
         let bind = |a: Option<SocketAddr>| async move {
             match a {
                 None => Ok(None),
@@ -134,6 +125,7 @@ impl Proxy {
             admission: Arc::new(Admission::new(hints.clone(), config.failover.max_hold)),
             hints: hints.clone(),
             hooks,
+            auth_bans: Arc::new(crate::connection::bans::AuthBans::new()),
         });
         let monitor = MonitorContext {
             config: config.clone(),
@@ -304,12 +296,12 @@ async fn accept_loop(
     next_conn: Arc<AtomicU64>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    // Over-capacity clients being told so (each needs a moment, a TLS
+    // handshake on the direct-TLS port); beyond this many they are closed.
+    let refusing = Arc::new(Semaphore::new(
+        ctx.load().limits.over_capacity_refusals.max(1),
+    ));
     loop {
-        // Wait for a free slot before accepting: excess clients wait in the
-        // kernel's backlog instead of consuming memory here.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
             Ok(x) => {
                 backoff = Duration::from_millis(5);
@@ -325,6 +317,30 @@ async fn accept_loop(
         };
         // The settings in force now, kept to the connection's end.
         let ctx = ctx.load_full();
+        // A slot is taken only for an accepted client, so exactly
+        // `max_connections` are served; one more is told at once.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                ctx.metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(client.addr = %peer, "connection refused: max_connections reached");
+                let accepted = Accepted {
+                    tcp,
+                    peer,
+                    direct_tls: direct,
+                };
+                if let Ok(r) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse_over_capacity(accepted, ctx).await;
+                        drop(r);
+                    });
+                }
+                continue;
+            }
+        };
         ctx.metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);

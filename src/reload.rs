@@ -179,6 +179,7 @@ impl Reloader {
             admission: Arc::new(Admission::new(self.hints.clone(), new.failover.max_hold)),
             hints: cur.hints.clone(),
             hooks: cur.hooks.clone(),
+            auth_bans: cur.auth_bans.clone(),
         }));
         self.hints.update(&new);
         self.hints.pacer().set_params(&new.failover);

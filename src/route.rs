@@ -138,6 +138,8 @@ const NOBODY: u8 = u8::MAX;
 #[derive(Debug)]
 pub struct Routing {
     serving: [AtomicU8; PAIR],
+    /// Bumped on every change, for logins in flight to notice a move.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Routing {
@@ -145,6 +147,7 @@ impl Routing {
     pub fn new() -> Self {
         Routing {
             serving: [AtomicU8::new(0), AtomicU8::new(1)],
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -159,6 +162,21 @@ impl Routing {
         // At most `PAIR` nodes: an index always fits in a byte.
         let v = by.map_or(NOBODY, |n| n.index() as u8);
         self.serving[home.index()].store(v, Ordering::Release);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves once `home` is no longer served by `by` (subscribed before
+    /// the first look, so no change is missed).
+    pub async fn moved(&self, home: NodeId, by: NodeId) {
+        let mut rx = self.changes.subscribe();
+        loop {
+            if self.serving(home) != Some(by) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 }
 

@@ -345,3 +345,59 @@ async fn admin_commands_drive_a_running_proxy() {
     assert!(err.contains("cannot reach"), "{err}");
     g.stop().await;
 }
+
+/// Finding 4: `check` loads the certificates and keys and checks the
+/// listeners as `run` does: each case is refused by both, naming the key.
+#[test]
+fn check_refuses_everything_run_refuses() {
+    let certs = Certs::new();
+    let other = Certs::new();
+    let base = good_config(&certs);
+    let not_pem = certs.dir.path().join("not.pem");
+    std::fs::write(&not_pem, "this is no certificate\n").unwrap();
+    let listen = "starttls = \"127.0.0.1:0\"\ndirect_tls = \"127.0.0.1:0\"";
+    let cases = [
+        (
+            base.replace(&certs.cert(), "/nonexistent/cert.pem"),
+            "tls.cert",
+        ),
+        (base.replace(&certs.key(), &other.key()), "tls.key"),
+        (
+            base.replace(&certs.cert(), &not_pem.display().to_string()),
+            "tls.cert",
+        ),
+        (
+            base.replace(&certs.cert(), &certs.dir.path().display().to_string()),
+            "tls.cert",
+        ),
+        (
+            base.replace(
+                listen,
+                "starttls = \"127.0.0.1:45999\"\ndirect_tls = \"127.0.0.1:45999\"",
+            ),
+            "listen.direct_tls",
+        ),
+        (
+            base.replace(
+                "[listen]",
+                "[limits]\nmax_connections = \"lots\"\n\n[listen]",
+            ),
+            "limits.max_connections",
+        ),
+    ];
+    for (text, key) in cases {
+        assert_ne!(text, base, "{key}: the case changes the config");
+        let (code, err) = check(&text, &certs);
+        assert_eq!(code, 64, "check, {key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "check, {key}: {err}");
+        let p = write_config(certs.dir.path(), &text);
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "run, {key}: {err}");
+        assert!(err.contains(&format!("`{key}`")), "run, {key}: {err}");
+    }
+}

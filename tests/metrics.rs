@@ -52,6 +52,11 @@ async fn metrics_show_sessions_and_logins_per_node() {
     assert_eq!(get(&s, "prg_proxy_connections_total", None), Some(4.0));
     assert_eq!(get(&s, "prg_proxy_connections_active", None), Some(4.0));
     assert_eq!(get(&s, "prg_proxy_logins_routed_total", None), Some(4.0));
+    assert_eq!(get(&s, "prg_proxy_logins_rerouted_total", None), Some(0.0));
+    assert_eq!(
+        get(&s, "prg_proxy_connections_refused_total", None),
+        Some(0.0)
+    );
     assert!(
         get(
             &s,

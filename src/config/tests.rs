@@ -351,3 +351,47 @@ fn temp_presence_defaults_and_bounds() {
     .unwrap_err();
     assert!(e.message.contains("unknown field `rate`"), "{e}");
 }
+
+#[test]
+fn toml_type_and_syntax_errors_name_the_dotted_key() {
+    let key = |text: &str| Config::parse(text).unwrap_err().key;
+    let base = EXAMPLE.to_string();
+    assert_eq!(
+        key(&base.replace(
+            "[listen]",
+            "[limits]\nmax_connections = \"many\"\n\n[listen]"
+        )),
+        "limits.max_connections"
+    );
+    assert_eq!(
+        key(&base.replace("address = \"127.0.0.1:15223\"", "address = 15223")),
+        "nodes[1].address"
+    );
+    assert_eq!(
+        key(&base.replace("high_availability = true", "high_availability = tru")),
+        "group.high_availability"
+    );
+    assert_eq!(key("[group]\nname = \"x\n"), "group.name");
+}
+
+#[test]
+fn the_same_port_for_two_listeners_is_refused() {
+    let e = with(|c| {
+        c.listen.starttls = Some("0.0.0.0:5222".parse().unwrap());
+        c.listen.direct_tls = Some("127.0.0.1:5222".parse().unwrap());
+    })
+    .unwrap_err();
+    assert_eq!(e.key, "listen.direct_tls", "{e}");
+    // Port 0 asks the kernel for a free port: no clash.
+    with(|c| {
+        c.listen.starttls = Some("127.0.0.1:0".parse().unwrap());
+        c.listen.direct_tls = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .unwrap();
+    // Different addresses on one port are fine.
+    with(|c| {
+        c.listen.starttls = Some("127.0.0.1:5222".parse().unwrap());
+        c.listen.direct_tls = Some("127.0.0.2:5222".parse().unwrap());
+    })
+    .unwrap();
+}

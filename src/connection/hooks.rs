@@ -30,6 +30,9 @@ pub struct Injections {
     pub to_client: Vec<Bytes>,
     /// To the node, after the current batch.
     pub to_node: Vec<Bytes>,
+    /// End the client stream with this stream error; the stanza being
+    /// looked at and everything after it are not forwarded.
+    pub close: Option<String>,
 }
 
 /// Looks at the stanzas of one connection.
@@ -81,13 +84,14 @@ impl Hooks {
         pacer: Arc<Pacer>,
         session: &SessionInfo,
         factories: &[Arc<dyn HookFactory>],
+        auth_forwarded_at: Instant,
     ) -> Hooks {
         Hooks {
             login: Some(LoginHook {
                 pacer,
                 user: session.user.clone(),
                 node: session.node,
-                since: Instant::now(),
+                since: auth_forwarded_at,
             }),
             tracker: TrackerHook {
                 tracker,
@@ -128,7 +132,7 @@ struct LoginHook {
     pacer: Arc<Pacer>,
     user: Arc<str>,
     node: NodeId,
-    /// When the `<auth>` was forwarded (the relay starts right after).
+    /// When the `<auth>` was forwarded.
     since: Instant,
 }
 
@@ -167,7 +171,7 @@ impl StanzaHook for TrackerHook {
         }
     }
 
-    fn node_stanza(&mut self, frame: &[u8], f: &Frame, _: &mut Injections) {
+    fn node_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
         if self.bound {
             return;
         }
@@ -184,6 +188,21 @@ impl StanzaHook for TrackerHook {
                 return;
             }
         };
+        // The node must have logged in the user the proxy routed: anyone
+        // else would sit on a node of the proxy's choosing, tracked (and
+        // evicted) under the wrong name.
+        if bare != *self.session.user {
+            tracing::warn!(routed = %self.session.user, bound = %bare, "the node logged in another user than the one routed; stream closed");
+            inject.close = Some(crate::xmpp::stream::stream_error(
+                "not-authorized",
+                Some(&format!(
+                    "logged in as {bare}, but the login named {}; log in as the user you authenticate as",
+                    self.session.user
+                )),
+                None,
+            ));
+            return;
+        }
         let resource = full.split_once('/').map_or("", |(_, r)| r);
         let tracked = format!("{bare}/{resource}");
         let s = &self.session;

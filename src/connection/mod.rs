@@ -15,15 +15,29 @@
 //!    group state;
 //! 5. → **admit** → [`Admitted`]: the admission step
 //!    ([`failover::Admission`]) may hold or refuse the login;
-//! 6. → **connect** → [`Relaying`]: open a stream to that node, forward the
-//!    `<auth>`;
+//! 6. → **connect**: open a stream to that node, forward the `<auth>`,
+//!    then → **exchange** → [`Relaying`]: the proxy stays in control of
+//!    the SASL exchange, passing challenges and responses, until the node
+//!    answers `<success/>` (go on) or `<failure/>` (back to step 3 with a
+//!    new node connection);
 //! 7. → **relay** ([`relay`]): both directions through the framer, byte for
 //!    byte, stanzas shown to the [`hooks`], until either side closes, the
 //!    connection is evicted, or the proxy shuts down.
 //!
-//! A refusal in steps 3–6 is a SASL `<failure/>` and the client may try
-//! again on the same stream, up to `limits.max_auth_attempts`.
+//! A refusal in steps 3–6 and a node's `<failure/>` in the exchange are failed
+//! authentications: the client may try again on the same stream, and the
+//! stream is closed with `<policy-violation/>` after
+//! `limits.max_auth_attempts` of them. The pre-auth deadline runs from
+//! accept to SASL success, whatever happened in between. Each failure also
+//! counts against the client's address ([`bans`]).
+//!
+//! The user is the SASL authentication identity (PLAIN authcid, SCRAM
+//! `n=`), in a served domain. After login the relay checks the JID the
+//! node binds against it; a node that logged in someone else (e.g. an
+//! authzid honoured differently) ends the stream with `<not-authorized/>`
+//! and the session is never tracked.
 
+pub mod bans;
 pub mod hooks;
 mod relay;
 
@@ -85,6 +99,8 @@ pub struct ConnContext {
     pub hints: Arc<Hints>,
     /// Further stanza hooks for each relayed session.
     pub hooks: Vec<Arc<dyn HookFactory>>,
+    /// Failed-authentication counts and bans per source address.
+    pub auth_bans: Arc<bans::AuthBans>,
 }
 
 impl ConnContext {
@@ -267,17 +283,28 @@ pub struct Admitted {
     routed: Routed,
 }
 
-/// A node stream with the `<auth>` forwarded: ready to relay.
+/// A node stream after SASL success: ready to relay.
 pub struct Relaying {
     client: ClientStream<BoxStream>,
     node: NodeStream,
     routed: Routed,
+    /// When the `<auth>` was forwarded (for the login pacer).
+    forwarded_at: Instant,
+}
+
+/// What the connect step produced.
+enum Connected {
+    /// The node stream, the `<auth>` forwarded.
+    Node(Box<NodeStream>, Routed),
+    /// The target was marked down meanwhile: the login is routed again.
+    Moved(Identified),
 }
 
 /// Why a login phase did not produce its value.
 enum Refused {
-    /// The client was sent a SASL failure and may try again.
-    Retry,
+    /// The client was sent a SASL failure and may try again; `true` when
+    /// it counts against the client's address (not a temporary failure).
+    Retry(bool),
     /// The connection ends.
     End(End),
 }
@@ -367,7 +394,9 @@ impl ClientConnection {
         let mut plain = ClientStream {
             io: a.tcp,
             buf: BytesMut::with_capacity(1024),
-            framer: Framer::new(limits.max_stanza_bytes),
+            // Before SASL success only small elements are valid.
+            framer: Framer::new(limits.pre_auth_stanza_bytes)
+                .with_structure_limits(limits.max_depth, limits.max_attributes),
             header_sent: false,
         };
         let acceptor = if a.direct_tls {
@@ -451,39 +480,231 @@ impl ClientConnection {
         })
     }
 
-    /// Phases 3–6, retried on the same stream after a SASL failure.
+    /// Phases 3–6 and the exchange, retried on the same stream after a SASL failure.
     async fn authenticate(&mut self, mut o: Opened) -> Result<Relaying, End> {
-        let mut attempts = 0;
+        let mut failures = 0;
         loop {
-            attempts += 1;
-            if attempts > self.ctx.limits.max_auth_attempts {
-                return Err(self
-                    .refuse_stream(
-                        &mut o.client,
-                        "policy-violation",
-                        "too many authentication attempts",
-                    )
-                    .await);
-            }
             let step = async {
                 let identified = self.identify(&mut o).await?;
-                let routed = self.route(&mut o, identified).await?;
-                let admitted = self.admit(&mut o, routed).await?;
-                self.connect(&mut o, admitted).await
+                let mut routed = self.route(&mut o, identified).await?;
+                loop {
+                    let admitted = self.admit(&mut o, routed).await?;
+                    match self.connect(&mut o, admitted).await? {
+                        Connected::Node(node, r) => return self.exchange(&mut o, *node, r).await,
+                        // The node was marked down meanwhile: route again.
+                        Connected::Moved(id) => routed = self.route(&mut o, id).await?,
+                    }
+                }
             }
             .await;
-            match step {
-                Ok((node, routed)) => {
+            let counts = match step {
+                Ok((node, routed, forwarded_at)) => {
                     return Ok(Relaying {
                         client: o.client,
                         node,
                         routed,
+                        forwarded_at,
                     })
                 }
-                Err(Refused::Retry) => continue,
+                Err(Refused::Retry(counts)) => counts,
                 Err(Refused::End(end)) => return Err(end),
+            };
+            failures += 1;
+            if counts {
+                self.note_auth_failure();
+            }
+            if failures >= self.ctx.limits.max_auth_attempts {
+                info!(failures, "too many failed authentications");
+                return Err(self
+                    .refuse_stream(
+                        &mut o.client,
+                        "policy-violation",
+                        "too many failed authentication attempts",
+                    )
+                    .await);
             }
         }
+    }
+
+    /// Counts a failed authentication against the client's address.
+    fn note_auth_failure(&self) {
+        let Some(peer) = self.peer else { return };
+        let l = &self.ctx.limits;
+        let policy = bans::BanPolicy {
+            limit: l.auth_fail_limit,
+            window: l.auth_fail_window,
+            ban: l.auth_ban_time,
+        };
+        if self.ctx.auth_bans.failed(peer.ip(), Instant::now(), policy) {
+            warn!(client.ip = %peer.ip(), ban = ?l.auth_ban_time, "too many failed authentications from this address: its logins are refused for a while");
+        }
+    }
+
+    /// Phase 6, continued: the SASL exchange between the client and the node, up to
+    /// the node's `<success/>` (the node stream, ready to relay) or
+    /// `<failure/>` (forwarded, the node connection closed, a retry).
+    async fn exchange(
+        &self,
+        o: &mut Opened,
+        mut node: NodeStream,
+        routed: Routed,
+    ) -> Result<(NodeStream, Routed, Instant), Refused> {
+        let forwarded_at = Instant::now();
+        let limits = &self.ctx.limits;
+        let mut node_framer = Framer::in_open_stream(limits.max_stanza_bytes)
+            .with_structure_limits(limits.max_depth, limits.max_attributes);
+        let node_name = self.ctx.nodes.name(routed.target);
+        loop {
+            // What the node said: pass it on; success and failure end the step.
+            loop {
+                let f = match node_framer.next(&node.buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!(node = %node_name, error = %e, "node sent bad XML during SASL");
+                        let x = stream::stream_error(
+                            "internal-server-error",
+                            Some(&node_frame_error_text(&e)),
+                            None,
+                        );
+                        let _ = self.send(&mut o.client, x.as_bytes()).await;
+                        return Err(End::Error(ConnError::NodeXml(e)).into());
+                    }
+                };
+                let frame = node.buf.split_to(f.len);
+                match f.kind {
+                    FrameKind::Whitespace => continue,
+                    FrameKind::Stanza => {}
+                    FrameKind::Header | FrameKind::Close => {
+                        let x = stream::stream_error(
+                            "remote-connection-failed",
+                            Some("the user's node closed the stream during authentication"),
+                            None,
+                        );
+                        let _ = self.send(&mut o.client, x.as_bytes()).await;
+                        return Err(End::NodeClosed.into());
+                    }
+                }
+                self.send(&mut o.client, &frame).await?;
+                let sasl = peek::contains(&frame[..f.head_end], stream::NS_SASL.as_bytes());
+                match f.name(&frame) {
+                    b"success" if sasl => {
+                        info!(user = %routed.id.bare, node = %node_name, "logged in");
+                        return Ok((node, routed, forwarded_at));
+                    }
+                    b"failure" if sasl => {
+                        let temporary = peek::contains(&frame, b"temporary-auth-failure");
+                        if temporary {
+                            self.ctx.admission.pacer().overloaded(routed.target);
+                        }
+                        info!(user = %routed.id.bare, node = %node_name, "authentication failed");
+                        // A new login starts over with a new node connection.
+                        let _ = tokio::time::timeout(
+                            limits.write_timeout,
+                            relay::write_within(
+                                &mut node.io,
+                                b"</stream:stream>",
+                                limits.write_timeout,
+                                Side::Node,
+                            ),
+                        )
+                        .await;
+                        return Err(Refused::Retry(!temporary));
+                    }
+                    _ => {}
+                }
+            }
+            // What the client said: SASL responses and aborts go to the node.
+            loop {
+                let f = match o.client.framer.next(&o.client.buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let xml = stream::frame_error(&e);
+                        let _ = self.send_error(&mut o.client, &xml).await;
+                        return Err(End::Error(ConnError::ClientXml(e)).into());
+                    }
+                };
+                let frame = o.client.buf.split_to(f.len);
+                match f.kind {
+                    FrameKind::Whitespace => continue,
+                    FrameKind::Close => {
+                        let _ = relay::write_within(
+                            &mut node.io,
+                            b"</stream:stream>",
+                            limits.write_timeout,
+                            Side::Node,
+                        )
+                        .await;
+                        let _ = self.send(&mut o.client, b"</stream:stream>").await;
+                        return Err(End::ClientClosed.into());
+                    }
+                    FrameKind::Header | FrameKind::Stanza => {}
+                }
+                let sasl = peek::contains(&frame[..f.head_end], stream::NS_SASL.as_bytes());
+                let name = f.name(&frame);
+                if f.kind != FrameKind::Stanza
+                    || !sasl
+                    || !(name == b"response" || name == b"abort")
+                {
+                    let text = if sasl && name == b"auth" {
+                        "an authentication is in progress; send <abort/> before a new <auth/>"
+                    } else {
+                        "only SASL <response/> and <abort/> are valid during authentication"
+                    };
+                    return Err(self
+                        .refuse_stream(&mut o.client, "not-authorized", text)
+                        .await
+                        .into());
+                }
+                if let Err(e) =
+                    relay::write_within(&mut node.io, &frame, limits.write_timeout, Side::Node)
+                        .await
+                {
+                    return Err(self.node_gone(o, routed.target, e).await.into());
+                }
+            }
+            o.client.buf.reserve(limits.read_buffer_bytes);
+            node.buf.reserve(limits.read_buffer_bytes);
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                r = relay::read_some(&mut o.client.io, &mut o.client.buf) => match r {
+                    Ok(0) => return Err(End::ClientClosed.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(End::ClientClosed.into()),
+                    Err(e) => return Err(End::Error(ConnError::io(Side::Client, "read", e)).into()),
+                },
+                r = relay::read_some(&mut node.io, &mut node.buf) => match r {
+                    Ok(0) => {
+                        let e = ConnError::Protocol(Side::Node, "the node closed the connection during authentication".into());
+                        return Err(self.node_gone(o, routed.target, e).await.into());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let e = ConnError::io(Side::Node, "read", e);
+                        return Err(self.node_gone(o, routed.target, e).await.into());
+                    }
+                },
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Err(self.pre_auth_over(&mut o.client, false).await.into());
+                }
+                _ = wait_shutdown(&mut shutdown) => {
+                    return Err(self.pre_auth_over(&mut o.client, true).await.into());
+                }
+            }
+        }
+    }
+
+    /// The node connection failed during authentication: the client is told.
+    async fn node_gone(&self, o: &mut Opened, node: NodeId, e: ConnError) -> End {
+        self.ctx.note_node_failure(node);
+        let x = stream::stream_error(
+            "remote-connection-failed",
+            Some("the user's node closed the connection"),
+            None,
+        );
+        let _ = self.send(&mut o.client, x.as_bytes()).await;
+        End::NodeLost(e)
     }
 
     /// Phase 3: the `<auth>` and who it names.
@@ -502,6 +723,19 @@ impl ClientConnection {
                 ("not-authorized", "authenticate first")
             };
             return Err(self.refuse_stream(&mut o.client, cond, text).await.into());
+        }
+        if let Some(peer) = self.peer {
+            if let Some(left) = self.ctx.auth_bans.banned(peer.ip(), Instant::now()) {
+                info!(client.ip = %peer.ip(), "login refused: address cooling off after failed authentications");
+                let text = format!(
+                    "too many failed authentications from your address; try again in {} s",
+                    left.as_secs().max(1)
+                );
+                return Err(self
+                    .refuse_stream(&mut o.client, "policy-violation", &text)
+                    .await
+                    .into());
+            }
         }
         let mechanism = peek::attr(&frame[..head_end], b"mechanism")
             .map(|m| String::from_utf8_lossy(m).into_owned())
@@ -535,20 +769,39 @@ impl ClientConnection {
             );
             auth = BytesMut::from(rebuilt.as_bytes());
         }
-        let bare = match (&o.from_jid, &payload) {
-            (Some(j), _) => Ok(j.clone()),
-            (None, Ok(p)) => sasl::identify(&mechanism, p, &o.domain),
-            (None, Err(e)) => Err(e.clone()),
+        // The SASL authentication identity is the user; the stream's `from`
+        // only for a mechanism that names no one.
+        let bare = match (&payload, &o.from_jid) {
+            (Err(sasl::IdentifyError::Encoding), _) => Err(sasl::IdentifyError::Encoding),
+            (Ok(p), None) => sasl::identify(&mechanism, p, &o.domain),
+            (Ok(p), Some(_)) if sasl::names_user(&mechanism) => {
+                sasl::identify(&mechanism, p, &o.domain)
+            }
+            (_, Some(j)) => Ok(j.clone()),
+            (Err(e), None) => Err(e.clone()),
         };
         match bare {
             Ok(bare) => {
-                tracing::Span::current().record("user", bare.as_str());
+                let domain = bare.rsplit_once('@').map_or(bare.as_str(), |(_, d)| d);
+                if !self
+                    .ctx
+                    .domains
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(domain))
+                {
+                    info!(user = %bare, "login refused: domain not served");
+                    let text = format!("this proxy does not serve the domain of {bare}");
+                    return Err(self
+                        .sasl_failure(&mut o.client, "not-authorized", &text)
+                        .await);
+                }
                 Ok(Identified { bare, auth })
             }
             Err(e) => {
                 debug!(error = %e, "cannot identify the user");
                 let cond = match e {
                     sasl::IdentifyError::UnsupportedMechanism(_) => "invalid-mechanism",
+                    sasl::IdentifyError::Encoding => "incorrect-encoding",
                     _ => "malformed-request",
                 };
                 Err(self.sasl_failure(&mut o.client, cond, &e.to_string()).await)
@@ -610,21 +863,34 @@ impl ClientConnection {
     }
 
     /// Phase 6: the node stream, with the `<auth>` forwarded.
-    async fn connect(&self, o: &mut Opened, a: Admitted) -> Result<(NodeStream, Routed), Refused> {
+    async fn connect(&self, o: &mut Opened, a: Admitted) -> Result<Connected, Refused> {
         let routed = a.routed;
         let target = routed.target;
         let limits = &self.ctx.limits;
-        let mut node = match self
-            .ctx
-            .nodes
-            .open_from(
-                target,
-                &o.domain,
-                limits.upstream_connect_timeout,
-                self.peer,
-            )
-            .await
-        {
+        let opening = self.ctx.nodes.open_from(
+            target,
+            &o.domain,
+            limits.upstream_connect_timeout,
+            self.peer,
+        );
+        let opened = tokio::select! {
+            r = opening => r,
+            () = self.ctx.routing.moved(routed.home, target) => {
+                info!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), "the node was marked down while connecting; routing the login again");
+                self.ctx.metrics.logins_rerouted.fetch_add(1, Ordering::Relaxed);
+                return Ok(Connected::Moved(routed.id));
+            }
+            () = tokio::time::sleep_until(self.deadline) => {
+                let x = stream::stream_error(
+                    "remote-connection-failed",
+                    Some("the user's node did not answer before the login deadline"),
+                    None,
+                );
+                let _ = self.send(&mut o.client, x.as_bytes()).await;
+                return Err(End::Error(ConnError::Timeout("connecting to the node")).into());
+            }
+        };
+        let mut node = match opened {
             Ok(n) => n,
             Err(e) => {
                 warn!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), error = %e, "node unavailable");
@@ -659,16 +925,22 @@ impl ClientConnection {
             .metrics
             .logins_routed
             .fetch_add(1, Ordering::Relaxed);
-        Ok((node, routed))
+        Ok(Connected::Node(Box::new(node), routed))
     }
 
     /// Phase 7: relay both ways until an end.
     async fn relay(&mut self, r: Relaying) -> End {
         let Relaying {
-            client,
+            mut client,
             node,
             routed,
+            forwarded_at,
         } = r;
+        // Logged in: the user is known for the rest of the connection.
+        tracing::Span::current().record("user", routed.id.bare.as_str());
+        client
+            .framer
+            .set_max_bytes(self.ctx.limits.max_stanza_bytes);
         let ctx = self.ctx.clone();
         let (handle, control) = ConnHandle::new(ctx.limits.inject_queue_bytes);
         let session = SessionInfo {
@@ -683,6 +955,7 @@ impl ClientConnection {
             ctx.admission.pacer().clone(),
             &session,
             &ctx.hooks,
+            forwarded_at,
         );
         let user = session.user.clone();
         let target = routed.target;
@@ -705,7 +978,8 @@ impl ClientConnection {
             node.buf,
             // The node's pre-auth header was consumed by the proxy: its
             // stanzas (challenge, success) frame inside the open stream.
-            Framer::in_open_stream(limits.max_stanza_bytes),
+            Framer::in_open_stream(limits.max_stanza_bytes)
+                .with_structure_limits(limits.max_depth, limits.max_attributes),
             hooks,
             control,
             self.shutdown.clone(),
@@ -800,6 +1074,7 @@ impl ClientConnection {
                 r = tokio::time::timeout_at(self.deadline, relay::read_some(&mut c.io, &mut c.buf)) => match r {
                     Ok(Ok(0)) => return Err(End::ClientClosed),
                     Ok(Ok(_)) => continue,
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(End::ClientClosed),
                     Ok(Err(e)) => return Err(ConnError::io(Side::Client, "read", e).into()),
                     Err(_) => return Err(self.pre_auth_over(c, false).await),
                 },
@@ -869,7 +1144,7 @@ impl ClientConnection {
     ) -> Refused {
         let f = stream::sasl_failure(condition, Some(text));
         match self.send(c, f.as_bytes()).await {
-            Ok(()) => Refused::Retry,
+            Ok(()) => Refused::Retry(condition != "temporary-auth-failure"),
             Err(end) => Refused::End(end),
         }
     }
@@ -891,6 +1166,33 @@ impl ClientConnection {
     }
 }
 
+/// Tells a client accepted over `limits.max_connections` that the proxy is
+/// full, at once: its stream header and `<resource-constraint/>` (after the
+/// TLS handshake on the direct-TLS port), then the connection is closed.
+/// Bounded by the TLS handshake and write deadlines.
+pub async fn refuse_over_capacity(a: Accepted, ctx: Arc<ConnContext>) {
+    let limits = &ctx.limits;
+    let mut out = stream::server_header(&ctx.domains[0], &stream_id());
+    out.push_str(&stream::stream_error(
+        "resource-constraint",
+        Some("the proxy serves as many connections as it may; try again later"),
+        None,
+    ));
+    out.push_str("</stream:stream>");
+    let _ = a.tcp.set_nodelay(true);
+    let mut io: BoxStream = if a.direct_tls {
+        let acceptor = TlsAcceptor::from(ctx.tls.direct.load_full());
+        match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(a.tcp)).await {
+            Ok(Ok(t)) => Box::new(t),
+            _ => return,
+        }
+    } else {
+        Box::new(a.tcp)
+    };
+    let _ = relay::write_within(&mut io, out.as_bytes(), limits.write_timeout, Side::Client).await;
+    let _ = tokio::time::timeout(limits.write_timeout, io.shutdown()).await;
+}
+
 /// Resolves when the proxy starts shutting down.
 pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     if *rx.borrow() {
@@ -903,6 +1205,21 @@ pub(crate) async fn wait_shutdown(rx: &mut watch::Receiver<bool>) {
     }
     // Sender gone: never signal.
     std::future::pending::<()>().await
+}
+
+/// The text of the stream error a client gets for a node's framing error.
+pub(crate) fn node_frame_error_text(e: &FrameError) -> String {
+    match e {
+        FrameError::TooLarge { limit } => {
+            format!("the node sent a stanza larger than the limit of {limit} bytes")
+        }
+        FrameError::TooDeep { .. } | FrameError::TooManyAttributes { .. } => {
+            format!("the node sent a stanza over the proxy's limits: {e}")
+        }
+        FrameError::NotWellFormed(_) | FrameError::Restricted(_) => {
+            "the node sent invalid XML".to_string()
+        }
+    }
 }
 
 fn stream_id() -> String {

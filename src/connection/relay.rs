@@ -140,25 +140,33 @@ struct Batch {
     ready: usize,
     stanzas: u64,
     closed: bool,
+    /// Scanning stopped at the stanza after `ready` (of this length),
+    /// which the caller handles itself.
+    stopped: Option<usize>,
 }
 
-/// Frames everything complete in `buf`, calling `observe` for each stanza.
-/// On error, returns the bytes ready before it and the error.
+/// Frames everything complete in `buf`, calling `observe` for each stanza
+/// (which returns `false` to stop before that stanza). On error, returns
+/// the bytes ready before it and the error.
 fn scan(
     framer: &mut Framer,
     buf: &[u8],
-    mut observe: impl FnMut(&[u8], &crate::xmpp::framer::Frame),
+    mut observe: impl FnMut(&[u8], &crate::xmpp::framer::Frame) -> bool,
 ) -> Result<Batch, (usize, FrameError)> {
     let mut b = Batch {
         ready: 0,
         stanzas: 0,
         closed: false,
+        stopped: None,
     };
     loop {
         match framer.next(&buf[b.ready..]) {
             Ok(Some(f)) => {
                 if f.kind == FrameKind::Stanza {
-                    observe(&buf[b.ready..b.ready + f.len], &f);
+                    if !observe(&buf[b.ready..b.ready + f.len], &f) {
+                        b.stopped = Some(f.len);
+                        return Ok(b);
+                    }
                     b.stanzas += 1;
                 }
                 b.ready += f.len;
@@ -240,7 +248,12 @@ pub(super) async fn relay(
         if client_reading && !to_node.pending() && !client_buf.is_empty() {
             let mut inj = Injections::default();
             match scan(&mut client_framer, &client_buf, |frame, f| {
-                hooks.client_stanza(frame, f, &mut inj)
+                // TLS is the proxy's: a second <starttls/> is its to answer.
+                if f.name(frame) == b"starttls" {
+                    return false;
+                }
+                hooks.client_stanza(frame, f, &mut inj);
+                true
             }) {
                 Ok(b) => {
                     if b.ready > 0 {
@@ -249,6 +262,15 @@ pub(super) async fn relay(
                             .fetch_add(b.ready as u64, Ordering::Relaxed);
                         p.metrics.stanzas_up.fetch_add(b.stanzas, Ordering::Relaxed);
                         to_node.push(client_buf.split_to(b.ready).freeze(), wt);
+                    }
+                    if b.stopped.is_some() {
+                        queue_injections(inj, &mut to_client, &mut to_node, wt);
+                        close!(
+                            End::Error(ConnError::Protocol(Side::Client, "<starttls/> on an encrypted stream".into())),
+                            to_client: Some(Bytes::from_static(stream::TLS_FAILURE_CLOSE.as_bytes())),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                        continue;
                     }
                     queue_injections(inj, &mut to_client, &mut to_node, wt);
                     if b.closed {
@@ -274,8 +296,18 @@ pub(super) async fn relay(
         }
         if node_reading && !to_client.pending() && !node_buf.is_empty() {
             let mut inj = Injections::default();
+            let mut features: Option<Vec<u8>> = None;
             match scan(&mut node_framer, &node_buf, |frame, f| {
-                hooks.node_stanza(frame, f, &mut inj)
+                // The proxy owns the client's TLS: the node's STARTTLS
+                // offer is taken out of its features.
+                if f.name(frame).ends_with(b"features") {
+                    if let Some(rewritten) = stream::features_without_starttls(frame) {
+                        features = Some(rewritten);
+                        return false;
+                    }
+                }
+                hooks.node_stanza(frame, f, &mut inj);
+                inj.close.is_none()
             }) {
                 Ok(b) => {
                     if b.ready > 0 {
@@ -286,6 +318,21 @@ pub(super) async fn relay(
                             .stanzas_down
                             .fetch_add(b.stanzas, Ordering::Relaxed);
                         to_client.push(node_buf.split_to(b.ready).freeze(), wt);
+                    }
+                    if let (Some(len), Some(rewritten)) = (b.stopped, features.take()) {
+                        queue_injections(inj, &mut to_client, &mut to_node, wt);
+                        node_buf.advance(len);
+                        to_client.push(Bytes::from(rewritten), wt);
+                        continue;
+                    }
+                    if b.stopped.is_some() {
+                        let xml = inj.close.take().unwrap_or_default();
+                        close!(
+                            End::Error(ConnError::Protocol(Side::Node, "the node logged in another user than the one routed".into())),
+                            to_client: Some(Bytes::from(xml)),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                        continue;
                     }
                     queue_injections(inj, &mut to_client, &mut to_node, wt);
                     if b.closed {
@@ -298,7 +345,7 @@ pub(super) async fn relay(
                     to_client.push(node_buf.split_to(ready).freeze(), wt);
                     let xml = stream::stream_error(
                         "internal-server-error",
-                        Some("the node sent invalid XML"),
+                        Some(&super::node_frame_error_text(&e)),
                         None,
                     );
                     close!(
@@ -387,6 +434,13 @@ pub(super) async fn relay(
                     );
                 }
                 Ok(_) => {}
+                // TLS ended without close_notify: as good as a close for XMPP,
+                // whose stream has its own end.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => close!(
+                    End::ClientClosed,
+                    to_client: None::<Bytes>,
+                    to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                ),
                 Err(e) => close!(
                     End::Error(ConnError::io(Side::Client, "read", e)),
                     to_client: None::<Bytes>,

@@ -489,6 +489,38 @@ impl SimClient {
         self.open_stream(true).await
     }
 
+    /// Logs in with SASL PLAIN naming an authorization identity (`authzid`)
+    /// besides the authentication identity `user`.
+    pub async fn login_plain_as(
+        &mut self,
+        authzid: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let ir = B64.encode(format!("{authzid}\0{user}\0{password}"));
+        self.send_raw(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{ir}</auth>"
+        ))
+        .await?;
+        let s = self.sasl_step(deadline).await?;
+        if s.name != "success" {
+            return Err(ClientError::Protocol(format!(
+                "unexpected SASL answer {}",
+                s.raw
+            )));
+        }
+        self.open_stream(true).await
+    }
+
+    /// Sends raw bytes and reads the SASL answer (`<failure>` becomes
+    /// [`ClientError::SaslFailure`]).
+    pub async fn sasl_raw(&mut self, xml: &str) -> Result<Stanza, ClientError> {
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        self.send_raw(xml).await?;
+        self.sasl_step(deadline).await
+    }
+
     /// Next SASL element; `<failure>` becomes [`ClientError::SaslFailure`].
     async fn sasl_step(&mut self, deadline: Instant) -> Result<Stanza, ClientError> {
         let s = self

@@ -22,6 +22,7 @@ mod xml;
 
 pub use client::{ClientError, ClientTls, SimClient, Stanza, TempPush};
 pub use node::{
-    LoginCapacity, Roster, SimNode, SimNodeConfig, SimPair, NS_TEMP_PRESENCE, TEMP_PRESENCE_NOTIFY,
+    LoginCapacity, PlainAuthzid, Roster, SimNode, SimNodeConfig, SimPair, NS_TEMP_PRESENCE,
+    TEMP_PRESENCE_NOTIFY,
 };
 pub use reconnect::{ReconnectPolicy, Relogin};

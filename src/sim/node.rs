@@ -279,6 +279,21 @@ pub struct SimNodeConfig {
     /// How long a temporary presence subscription lives before the node
     /// drops it (IM&P's time-to-live).
     pub temp_presence_ttl: Duration,
+    /// What a PLAIN authorization identity (authzid) does.
+    pub plain_authzid: PlainAuthzid,
+}
+
+/// How a node treats a SASL PLAIN authzid that differs from the authcid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlainAuthzid {
+    /// Refused with `<not-authorized/>` (the default).
+    #[default]
+    Refuse,
+    /// Ignored: the authcid is logged in (as Prosody does).
+    Ignore,
+    /// Honoured: the authzid is logged in once the authcid's password is
+    /// right (as a server with administrators acting for users may).
+    Honour,
 }
 
 impl SimNodeConfig {
@@ -305,6 +320,7 @@ impl SimNodeConfig {
             proxy_protocol: false,
             temp_presence_max: 100_000,
             temp_presence_ttl: Duration::from_secs(3600),
+            plain_authzid: PlainAuthzid::Refuse,
         }
     }
 }
@@ -379,6 +395,7 @@ struct Shared {
     kill_tx: watch::Sender<u64>,
     hang_tx: watch::Sender<bool>,
     proxy_protocol: bool,
+    plain_authzid: PlainAuthzid,
     /// Client addresses learned from PROXY headers, in arrival order.
     client_addrs: Mutex<Vec<SocketAddr>>,
     /// `LOCAL` PROXY headers received (the proxy's own connections).
@@ -560,6 +577,7 @@ impl SimNode {
             kill_tx: watch::Sender::new(0),
             hang_tx: watch::Sender::new(false),
             proxy_protocol: cfg.proxy_protocol,
+            plain_authzid: cfg.plain_authzid,
             client_addrs: Mutex::new(Vec::new()),
             local_headers: AtomicU64::new(0),
             temp: Mutex::new(Temp::default()),
@@ -1519,6 +1537,11 @@ impl Conn {
                 f.push_str("</mechanisms>");
             }
         } else {
+            // As Prosody's mod_tls: STARTTLS is offered on every stream that
+            // is not encrypted, the one after SASL too.
+            if self.node.tls.is_some() && !self.tls {
+                f.push_str("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+            }
             f.push_str(
                 "<ver xmlns='urn:xmpp:features:rosterver'/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><required/></bind><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>",
             );
@@ -1721,10 +1744,19 @@ impl Conn {
             return self.sasl_failure("malformed-request");
         };
         let user = authcid.to_lowercase();
-        let ok_authz = authzid.is_empty()
+        let same = authzid.is_empty()
             || authzid.eq_ignore_ascii_case(&format!("{user}@{}", self.node.domain));
+        let (ok_authz, login_as) = match self.node.plain_authzid {
+            _ if same => (true, user.clone()),
+            PlainAuthzid::Refuse => (false, user.clone()),
+            PlainAuthzid::Ignore => (true, user.clone()),
+            PlainAuthzid::Honour => {
+                let local = authzid.split('@').next().unwrap_or(authzid).to_lowercase();
+                (self.node.users.contains_key(&local), local)
+            }
+        };
         if ok_authz && self.node.users.get(&user).is_some_and(|p| p == pass) {
-            self.authenticated(user, None);
+            self.authenticated(login_as, None);
         } else {
             self.sasl_failure("not-authorized");
         }

@@ -14,7 +14,9 @@
 //! processing instructions other than the XML declaration, or entity
 //! references other than the five predefined ones), basic well-formedness
 //! (balanced, matching tags; quoted attributes; no `<` in attribute values;
-//! valid UTF-8; no control characters) and the stanza size cap.
+//! valid UTF-8; no control characters), the stanza size cap, and caps on
+//! element nesting depth and attributes per element (so that the open-tag
+//! stack and the work per byte stay bounded whatever the input).
 
 /// What a complete frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +71,24 @@ pub enum FrameError {
         /// The configured maximum.
         limit: usize,
     },
+    /// Elements nested deeper than the limit → `<policy-violation/>`.
+    #[error("elements nested deeper than {limit}")]
+    TooDeep {
+        /// The configured maximum.
+        limit: u32,
+    },
+    /// An element with more attributes than the limit → `<policy-violation/>`.
+    #[error("an element has more than {limit} attributes")]
+    TooManyAttributes {
+        /// The configured maximum.
+        limit: u32,
+    },
 }
+
+/// Default cap on element nesting inside one frame.
+pub const DEFAULT_MAX_DEPTH: u32 = 64;
+/// Default cap on attributes of one element.
+pub const DEFAULT_MAX_ATTRIBUTES: u32 = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -109,6 +128,10 @@ enum State {
 #[derive(Debug, Clone)]
 pub struct Framer {
     max_bytes: usize,
+    max_depth: u32,
+    max_attributes: u32,
+    /// Attributes of the start tag being read.
+    attrs: u32,
     state: State,
     /// Bytes of the current frame scanned so far.
     pos: usize,
@@ -161,6 +184,9 @@ impl Framer {
     pub fn new(max_bytes: usize) -> Self {
         Framer {
             max_bytes,
+            max_depth: DEFAULT_MAX_DEPTH,
+            max_attributes: DEFAULT_MAX_ATTRIBUTES,
+            attrs: 0,
             state: State::Top,
             pos: 0,
             depth: 0,
@@ -179,6 +205,19 @@ impl Framer {
         let mut f = Framer::new(max_bytes);
         f.in_stream = true;
         f
+    }
+
+    /// The same framer with caps on nesting depth and attributes per element.
+    pub fn with_structure_limits(mut self, max_depth: u32, max_attributes: u32) -> Self {
+        self.max_depth = max_depth.max(1);
+        self.max_attributes = max_attributes;
+        self
+    }
+
+    /// Changes the size cap (from the next byte scanned; the stream's
+    /// pre-authentication cap is raised once SASL succeeded).
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes;
     }
 
     /// Forgets the stream: the next frame must be a stream header again.
@@ -301,8 +340,14 @@ impl Framer {
                         self.name_start = s;
                         self.name_len = e - s;
                     }
+                    if self.depth >= self.max_depth {
+                        return Err(FrameError::TooDeep {
+                            limit: self.max_depth,
+                        });
+                    }
                     self.open.push((s as u32, (e - s) as u32));
                     self.depth += 1;
+                    self.attrs = 0;
                     state = State::InTag;
                 }
                 State::InTag => {
@@ -332,7 +377,15 @@ impl Framer {
                             state = State::Text;
                         }
                         b'/' => state = State::EmptyEnd,
-                        b'"' | b'\'' => state = State::AttrValue(b),
+                        b'"' | b'\'' => {
+                            self.attrs += 1;
+                            if self.attrs > self.max_attributes {
+                                return Err(FrameError::TooManyAttributes {
+                                    limit: self.max_attributes,
+                                });
+                            }
+                            state = State::AttrValue(b)
+                        }
                         b'<' => return Err(FrameError::NotWellFormed("'<' inside a tag")),
                         _ => {}
                     }

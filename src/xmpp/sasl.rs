@@ -17,6 +17,9 @@ pub enum IdentifyError {
     /// The response does not decode as the mechanism says it must.
     #[error("malformed {0} initial response")]
     Malformed(&'static str),
+    /// The payload is not base64 (`<incorrect-encoding/>`, RFC 6120 §6.5.2).
+    #[error("the SASL payload is not valid base64")]
+    Encoding,
     /// The identity is not a valid JID (RFC 7622).
     #[error(transparent)]
     InvalidJid(#[from] crate::jid::JidError),
@@ -42,7 +45,7 @@ pub fn decode_payload(text: &str) -> Result<Vec<u8>, IdentifyError> {
     }
     base64::engine::general_purpose::STANDARD
         .decode(t)
-        .map_err(|_| IdentifyError::Malformed("base64"))
+        .map_err(|_| IdentifyError::Encoding)
 }
 
 /// Reads the bare JID from a mechanism's initial response, normalised by
@@ -72,8 +75,11 @@ pub fn bare_jid(name: &str, domain: &str) -> Result<String, IdentifyError> {
     normalized.map_err(IdentifyError::InvalidJid)
 }
 
-/// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616). The authorization
-/// identity, when given, is who the session acts as.
+/// PLAIN: `[authzid] NUL authcid NUL passwd` (RFC 4616). The user is the
+/// authentication identity, the one whose password the node checks and
+/// (as Prosody does) logs in; an authorization identity is the node's to
+/// honour or refuse, and the bound JID is checked against the routed one
+/// after login, so an authzid the node honours differently ends the stream.
 fn plain_identity(resp: &[u8]) -> Result<String, IdentifyError> {
     let mut parts = resp.splitn(3, |b| *b == 0);
     let authzid = parts.next().ok_or(IdentifyError::Malformed("PLAIN"))?;
@@ -81,8 +87,8 @@ fn plain_identity(resp: &[u8]) -> Result<String, IdentifyError> {
     if parts.next().is_none() {
         return Err(IdentifyError::Malformed("PLAIN"));
     }
-    let pick = if authzid.is_empty() { authcid } else { authzid };
-    let s = std::str::from_utf8(pick).map_err(|_| IdentifyError::Malformed("PLAIN"))?;
+    let _ = authzid;
+    let s = std::str::from_utf8(authcid).map_err(|_| IdentifyError::Malformed("PLAIN"))?;
     if s.is_empty() {
         return Err(IdentifyError::Malformed("PLAIN"));
     }
@@ -90,7 +96,8 @@ fn plain_identity(resp: &[u8]) -> Result<String, IdentifyError> {
 }
 
 /// SCRAM client-first-message: `gs2-header n=saslname,r=nonce[,…]`
-/// (RFC 5802 §7) where gs2-header is `(n|y|p=cb),[a=authzid],`.
+/// (RFC 5802 §7) where gs2-header is `(n|y|p=cb),[a=authzid],`. As for
+/// PLAIN, the user is the authentication identity (`n=`).
 fn scram_identity(resp: &[u8]) -> Result<String, IdentifyError> {
     let s = std::str::from_utf8(resp).map_err(|_| IdentifyError::Malformed("SCRAM"))?;
     let mut fields = s.splitn(3, ',');
@@ -100,11 +107,7 @@ fn scram_identity(resp: &[u8]) -> Result<String, IdentifyError> {
     }
     let authzid = fields.next().ok_or(IdentifyError::Malformed("SCRAM"))?;
     let bare = fields.next().ok_or(IdentifyError::Malformed("SCRAM"))?;
-    if let Some(a) = authzid.strip_prefix("a=") {
-        if !a.is_empty() {
-            return unescape_saslname(a);
-        }
-    } else if !authzid.is_empty() {
+    if !authzid.is_empty() && !authzid.starts_with("a=") {
         return Err(IdentifyError::Malformed("SCRAM"));
     }
     let first = bare.split(',').next().unwrap_or("");
@@ -157,10 +160,11 @@ mod tests {
             identify("PLAIN", &r, "example.com").unwrap(),
             "alice@other.example"
         );
+        // The authentication identity is the user, whatever the authzid.
         let r = decode_payload(&b64(b"admin@example.com\0alice\0pw")).unwrap();
         assert_eq!(
             identify("PLAIN", &r, "example.com").unwrap(),
-            "admin@example.com"
+            "alice@example.com"
         );
         for bad in [&b"alice"[..], b"\0\0pw", b"\0alice"] {
             let r = decode_payload(&b64(bad)).unwrap();
@@ -183,7 +187,7 @@ mod tests {
         let cases = [
             ("n,,n=user,r=abc", "user@example.com"),
             ("y,,n=a=2Cb=3Dc,r=abc", "a,b=c@example.com"),
-            ("n,a=boss@example.com,n=user,r=x", "boss@example.com"),
+            ("n,a=boss@example.com,n=user,r=x", "user@example.com"),
             ("p=tls-exporter,,n=u,r=x", "u@example.com"),
         ];
         for (msg, want) in cases {
@@ -256,7 +260,7 @@ mod tests {
         ));
         assert_eq!(decode_payload(""), Err(IdentifyError::NoInitialResponse));
         assert_eq!(decode_payload("="), Ok(Vec::new()));
-        assert!(decode_payload("!!!").is_err());
+        assert_eq!(decode_payload("!!!"), Err(IdentifyError::Encoding));
         assert!(names_user("SCRAM-SHA-1") && names_user("PLAIN"));
         assert!(!names_user("SCRAM-SHA-1-PLUS"));
     }

@@ -263,8 +263,33 @@ pub fn element_text(frame: &[u8], head_end: usize) -> &[u8] {
     &frame[head_end..end]
 }
 
+/// `<stream:features>` without its `<starttls>` child, or `None` when it
+/// has none (the proxy owns TLS towards the client: a node's STARTTLS
+/// offer must not reach it).
+pub fn features_without_starttls(features: &[u8]) -> Option<Vec<u8>> {
+    let start = memchr::memmem::find(features, b"<starttls")?;
+    let rest = &features[start..];
+    let head = memchr::memchr(b'>', rest)?;
+    let end = if head > 0 && rest[head - 1] == b'/' {
+        start + head + 1
+    } else {
+        let close = memchr::memmem::find(rest, b"</starttls>")?;
+        start + close + b"</starttls>".len()
+    };
+    let mut out = Vec::with_capacity(features.len());
+    out.extend_from_slice(&features[..start]);
+    out.extend_from_slice(&features[end..]);
+    Some(out)
+}
+
+/// The answer to a `<starttls/>` on a stream that is already encrypted
+/// (RFC 6120 §5.4.2.2: `<failure/>`, then the stream is closed).
+pub const TLS_FAILURE_CLOSE: &str =
+    "<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:stream>";
+
 /// The stream error for a framing error: `<not-well-formed/>`,
-/// `<restricted-xml/>` or `<policy-violation/>` for an over-size stanza.
+/// `<restricted-xml/>` or `<policy-violation/>` for an over-size,
+/// too deep or too wide stanza.
 pub fn frame_error(e: &crate::xmpp::framer::FrameError) -> String {
     use crate::xmpp::framer::FrameError;
     match e {
@@ -279,12 +304,39 @@ pub fn frame_error(e: &crate::xmpp::framer::FrameError) -> String {
             Some(&format!("stanza exceeds the limit of {limit} bytes")),
             None,
         ),
+        FrameError::TooDeep { limit } => stream_error(
+            "policy-violation",
+            Some(&format!("elements nested deeper than the limit of {limit}")),
+            None,
+        ),
+        FrameError::TooManyAttributes { limit } => stream_error(
+            "policy-violation",
+            Some(&format!(
+                "an element has more attributes than the limit of {limit}"
+            )),
+            None,
+        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn starttls_is_taken_out_of_features() {
+        let f = b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>";
+        assert_eq!(
+            features_without_starttls(f).unwrap(),
+            b"<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>"
+        );
+        let f = b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls><x/></stream:features>";
+        assert_eq!(
+            features_without_starttls(f).unwrap(),
+            b"<stream:features><x/></stream:features>"
+        );
+        assert!(features_without_starttls(b"<stream:features><bind/></stream:features>").is_none());
+    }
 
     #[test]
     fn header_from_capture() {

@@ -343,3 +343,44 @@ fn every_capture_stanza_is_well_formed_xml() {
         }
     }
 }
+
+#[test]
+fn nesting_deeper_than_the_limit_is_refused_and_the_limit_itself_passes() {
+    let ok = format!("{}{}", "<a>".repeat(8), "</a>".repeat(8));
+    let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(8, 50);
+    let fr = f.next(ok.as_bytes()).unwrap().unwrap();
+    assert_eq!((fr.kind, fr.len), (FrameKind::Stanza, ok.len()));
+    let deep = "<a>".repeat(9);
+    let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(8, 50);
+    assert_eq!(
+        f.next(deep.as_bytes()),
+        Err(FrameError::TooDeep { limit: 8 })
+    );
+    // The default holds for unbounded input long before the size cap.
+    let bomb = "<a>".repeat(10_000);
+    let mut f = Framer::in_open_stream(1 << 20);
+    assert_eq!(
+        f.next(bomb.as_bytes()),
+        Err(FrameError::TooDeep {
+            limit: DEFAULT_MAX_DEPTH
+        })
+    );
+}
+
+#[test]
+fn attributes_over_the_limit_are_refused() {
+    let attrs = |n: usize| -> String { (0..n).map(|i| format!(" a{i}=\"v\"")).collect() };
+    let ok = format!("<x{}/>", attrs(5));
+    let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(64, 5);
+    assert_eq!(f.next(ok.as_bytes()).unwrap().unwrap().len, ok.len());
+    let over = format!("<x><y{}/></x>", attrs(6));
+    let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(64, 5);
+    assert_eq!(
+        f.next(over.as_bytes()),
+        Err(FrameError::TooManyAttributes { limit: 5 })
+    );
+    // The count is per element.
+    let spread = format!("<x{a}><y{a}/></x>", a = attrs(5));
+    let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(64, 5);
+    assert!(f.next(spread.as_bytes()).unwrap().is_some());
+}
