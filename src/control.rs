@@ -73,12 +73,17 @@ pub enum Control {
     Evict(Eviction),
     /// Write these bytes to the client between two stanzas.
     Inject(Bytes),
+    /// Write these bytes to the node between two stanzas, as if the client
+    /// had sent them (a replayed subscription).
+    ToNode(Bytes),
 }
 
 #[derive(Debug, Default)]
 struct Pending {
     evict: Option<Eviction>,
     inject: VecDeque<Bytes>,
+    to_node: VecDeque<Bytes>,
+    /// Bytes queued in `inject` and `to_node`.
     inject_bytes: usize,
     closed: bool,
 }
@@ -145,6 +150,23 @@ impl ConnHandle {
         Ok(())
     }
 
+    /// Queues bytes for the node, written between two of the client's
+    /// stanzas. Shares the cap with [`ConnHandle::inject`].
+    pub fn send_to_node(&self, bytes: Bytes) -> Result<(), InjectError> {
+        let mut p = self.0.lock();
+        if p.closed {
+            return Err(InjectError::Closed);
+        }
+        if p.inject_bytes + bytes.len() > self.0.inject_cap {
+            return Err(InjectError::Full);
+        }
+        p.inject_bytes += bytes.len();
+        p.to_node.push_back(bytes);
+        drop(p);
+        self.0.wake.notify_one();
+        Ok(())
+    }
+
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.0.lock().closed
@@ -169,9 +191,13 @@ impl ControlReceiver {
         if let Some(e) = p.evict.take() {
             return Some(Control::Evict(e));
         }
-        let b = p.inject.pop_front()?;
+        if let Some(b) = p.inject.pop_front() {
+            p.inject_bytes -= b.len();
+            return Some(Control::Inject(b));
+        }
+        let b = p.to_node.pop_front()?;
         p.inject_bytes -= b.len();
-        Some(Control::Inject(b))
+        Some(Control::ToNode(b))
     }
 }
 
@@ -182,6 +208,7 @@ impl Drop for ControlReceiver {
         p.closed = true;
         p.evict = None;
         p.inject.clear();
+        p.to_node.clear();
         p.inject_bytes = 0;
     }
 }

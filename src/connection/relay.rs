@@ -394,6 +394,7 @@ pub(super) async fn relay(
                     );
                 }
                 Control::Inject(b) => to_client.push(b, wt),
+                Control::ToNode(b) => to_node.push(b, wt),
             },
             () = wait_shutdown(&mut shutdown), if !closing => {
                 let xml = (p.closing)(Closing::Shutdown);

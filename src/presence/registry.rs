@@ -10,8 +10,9 @@
 //!
 //! Replays are queued by due time and sent by one task at the configured
 //! global rate: a replay puts the stored bytes in the watcher session's
-//! outbox and asks the client for a ping; the session's hook writes the
-//! outbox to the node between two stanzas (the ping's answer is one).
+//! outbox and hands them to the session's relay, which writes them to the
+//! node between two stanzas; if the relay's queue is full, the session's
+//! hook writes the outbox with the client's next stanza.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -186,7 +187,6 @@ pub struct Registry {
     cfg: TempPresenceConfig,
     inner: Mutex<Inner>,
     wake: Notify,
-    next_ping: AtomicU64,
     /// Counters.
     pub stats: Stats,
 }
@@ -213,7 +213,6 @@ impl Registry {
             cfg,
             inner: Mutex::default(),
             wake: Notify::new(),
-            next_ping: AtomicU64::new(1),
             stats: Stats::default(),
         }
     }
@@ -569,24 +568,25 @@ impl Registry {
         }
     }
 
-    /// Asks the session's client for a ping: its answer is a stanza
-    /// between which and the next the hook writes the outbox to the node.
+    /// Hands what waits in the session's outbox to its relay, for the
+    /// node; what does not fit stays for the hook to write with the
+    /// client's next stanza.
     fn nudge(&self, slot: &Slot) {
         if slot.nudged.swap(true, Ordering::AcqRel) {
             return;
         }
-        let n = self.next_ping.fetch_add(1, Ordering::Relaxed);
-        let ping =
-            format!("<iq type='get' id='{PING_ID_PREFIX}{n}'><ping xmlns='urn:xmpp:ping'/></iq>");
-        if slot.handle.inject(Bytes::from(ping)).is_err() {
-            // Full or closed: the next stanza of the session carries it.
-            slot.nudged.store(false, Ordering::Release);
+        let mut left = Vec::new();
+        for b in slot.take_outbox() {
+            if !left.is_empty() || slot.handle.send_to_node(b.clone()).is_err() {
+                left.push(b);
+            }
         }
+        for b in left {
+            slot.push(b);
+        }
+        slot.nudged.store(false, Ordering::Release);
     }
 }
-
-/// The id prefix of the proxy's pings that carry replays.
-pub const PING_ID_PREFIX: &str = "prg-tp-";
 
 #[cfg(test)]
 mod tests {
@@ -663,8 +663,8 @@ mod tests {
         let mut sent_at = Vec::new();
         while sent_at.len() < 5 {
             match rx.recv().await {
-                crate::control::Control::Inject(_) => sent_at.push(start.elapsed()),
-                crate::control::Control::Evict(_) => unreachable!(),
+                crate::control::Control::ToNode(_) => sent_at.push(start.elapsed()),
+                other => unreachable!("{other:?}"),
             }
             for s in &watchers {
                 s.take_outbox();
