@@ -29,6 +29,10 @@ struct Cli {
     /// Print the admin API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Log format: `human` (default) or `json` (one object per line, with
+    /// the connection span's fields).
+    #[arg(long, global = true, value_enum, default_value_t = prg_proxy::logging::Format::Human)]
+    log_format: prg_proxy::logging::Format,
 }
 
 #[derive(Subcommand)]
@@ -123,13 +127,16 @@ fn main() -> ExitCode {
     let admin = admin_request(&cli.command);
     // The demo and the admin commands print their own output; only
     // warnings go to the log.
-    prg_proxy::logging::init(if admin.is_some() {
-        "warn"
-    } else if matches!(cli.command, Command::Demo) {
-        "error,prg_proxy::group=warn"
-    } else {
-        "info"
-    });
+    prg_proxy::logging::init(
+        if admin.is_some() {
+            "warn"
+        } else if matches!(cli.command, Command::Demo) {
+            "error,prg_proxy::group=warn"
+        } else {
+            "info"
+        },
+        cli.log_format,
+    );
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -401,3 +401,74 @@ fn check_refuses_everything_run_refuses() {
         assert!(err.contains(&format!("`{key}`")), "run, {key}: {err}");
     }
 }
+
+/// `--log-format json`: every line the proxy logs is one JSON object, and a
+/// login's lines carry the connection span's fields (client address, user,
+/// node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_connection_fields() {
+    let pair = SimPair::start(
+        SimNodeConfig::new("imp1", DOMAIN, users()),
+        SimNodeConfig::new("imp2", DOMAIN, users()),
+    )
+    .await
+    .unwrap();
+    let certs = Certs::new();
+    let text = config_text(
+        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+        "active-standby",
+        &certs,
+        "",
+    )
+    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
+    let p = write_config(certs.dir.path(), &text);
+    let child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&p)
+        .env("RUST_LOG", "info,prg_proxy::connection=debug")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("no log line ({e})"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    // Where the STARTTLS listener is.
+    let addr: std::net::SocketAddr = loop {
+        let v = next();
+        let f = &v["fields"];
+        if f["message"] == "listening" && f["tls"] == "starttls" {
+            break f["addr"].as_str().unwrap_or_default().parse().unwrap();
+        }
+    };
+    let tls = prg_proxy::sim::ClientTls::StartTls {
+        config: certs.client.clone(),
+        server_name: DOMAIN.into(),
+    };
+    let mut c = SimClient::connect(addr, DOMAIN, tls).await.unwrap();
+    c.login("alice", "pw", "PLAIN").await.unwrap();
+    c.bind("desk").await.unwrap();
+    c.close().await.unwrap();
+    // The connection's close (at debug) is logged inside its span, all
+    // fields set.
+    loop {
+        let v = next();
+        if v["fields"]["message"] == "connection closed" {
+            let span = &v["span"];
+            assert_eq!(span["user"], "alice@example.com", "{v}");
+            assert_eq!(span["node"], "imp1", "{v}");
+            assert!(span["client.addr"].as_str().is_some(), "{v}");
+            break;
+        }
+    }
+}

@@ -351,6 +351,7 @@ impl ClientConnection {
             client.addr = %accepted.peer,
             tls = if accepted.direct_tls { "direct" } else { "starttls" },
             user = tracing::field::Empty,
+            node = tracing::field::Empty,
         );
         let ctx = self.ctx.clone();
         ctx.metrics
@@ -937,7 +938,9 @@ impl ClientConnection {
             forwarded_at,
         } = r;
         // Logged in: the user is known for the rest of the connection.
-        tracing::Span::current().record("user", routed.id.bare.as_str());
+        let span = tracing::Span::current();
+        span.record("user", routed.id.bare.as_str());
+        span.record("node", self.ctx.nodes.name(routed.target));
         client
             .framer
             .set_max_bytes(self.ctx.limits.max_stanza_bytes);
@@ -968,7 +971,7 @@ impl ClientConnection {
                 }
             }
         };
-        debug!(node = %ctx.nodes.name(routed.target), "relaying");
+        debug!("relaying");
         let limits = &ctx.limits;
         let end = relay::relay(
             client.io,
