@@ -150,6 +150,9 @@ struct User {
     start: u32,
     kind: u8,
     status: u8,
+    /// The slot is a turn the pacer gave at a refusal (let in early when
+    /// the node has room), not the planned one.
+    turn: bool,
 }
 
 struct Sim {
@@ -250,8 +253,9 @@ impl Sim {
         self.schedule(t, at, u, EV_ARRIVE);
     }
 
-    fn refuse(&mut self, u: u32, t: u64, after: f64) {
+    fn refuse(&mut self, u: u32, t: u64, after: f64, turn: bool) {
         self.refused += 1;
+        self.users[u as usize].turn = turn;
         let after_ticks = self.secs_to_ticks(after).max(1);
         self.users[u as usize].slot = (t + after_ticks).min(u64::from(u32::MAX)) as u32;
         self.users[u as usize].status = AWAY;
@@ -292,15 +296,29 @@ impl Sim {
             return;
         }
         let early = slot.saturating_sub(t) as f64 * self.dt;
+        let turn = self.users[u as usize].turn;
+        if turn && early > 0.0 && self.n_waiting == 0 {
+            let i = self.instant(t);
+            if self.pacer.take(i, 1) == 1 {
+                self.admitted += 1;
+                self.send_to_node(u, t);
+                return;
+            }
+        }
         if early > self.max_hold {
-            self.refuse(u, t, early);
+            self.refuse(u, t, early, turn);
             return;
         }
         let queue = self.pacer.estimate(self.n_waiting).as_secs_f64();
         if early + queue > self.max_hold {
             let i = self.instant(t);
             let turn = self.pacer.turn(i, self.n_waiting).as_secs_f64();
-            self.refuse(u, t, turn.max(early));
+            self.refuse(
+                u,
+                t,
+                turn.max(early),
+                turn > early || self.users[u as usize].turn,
+            );
             return;
         }
         self.users[u as usize].start = t as u32;
@@ -327,7 +345,7 @@ impl Sim {
                 self.users[ui].status = AWAY;
                 let i = self.instant(t);
                 let again = self.pacer.turn(i, self.n_waiting).max(TICK).as_secs_f64();
-                self.refuse(u, t, again);
+                self.refuse(u, t, again, true);
             }
             _ => {}
         }
@@ -473,6 +491,7 @@ fn run(n: usize, mode: Mode, capacity: f64, seed: u64) -> Outcome {
                 start: 0,
                 kind,
                 status: AWAY,
+                turn: false,
             }
         })
         .collect();

@@ -290,6 +290,10 @@ impl NodePacer {
 pub struct Slot {
     /// Not before this.
     pub at: Instant,
+    /// A turn the pacer gave a refused login (an estimate of when the node
+    /// will have room), not the slot its hint planned: such a login is let
+    /// in early when the node has room now.
+    pub turn: bool,
 }
 
 /// What the pacer decided for one login.
@@ -407,7 +411,7 @@ impl Pacer {
 
     /// Remembers a moved user's turn (replacing an earlier one).
     pub fn remember(&self, user: &str, at: Instant) {
-        self.slots.insert(user.to_owned(), Slot { at });
+        self.slots.insert(user.to_owned(), Slot { at, turn: false });
     }
 
     /// The user's remembered turn, if any and not expired.
@@ -474,9 +478,18 @@ impl Pacer {
         };
         let g = self.gate(node);
         let early = slot.at.saturating_duration_since(start);
+        // A refused login's turn was an estimate: if the node has room now
+        // (nobody waiting, a token at hand), it goes in now.
+        if slot.turn
+            && !early.is_zero()
+            && g.waiting.load(Ordering::Relaxed) == 0
+            && self.state(node).take(start, 1) == 1
+        {
+            return self.admitted(start, false);
+        }
         if early > max_wait {
             // Its own turn is far off.
-            return self.refuse(user, start, early);
+            return self.refuse(user, start, early, slot.turn);
         }
         let queue = {
             let st = self.state(node);
@@ -486,7 +499,7 @@ impl Pacer {
             let turn = self
                 .state(node)
                 .turn(start, g.waiting.load(Ordering::Relaxed));
-            return self.refuse(user, start, turn.max(early));
+            return self.refuse(user, start, turn.max(early), turn > early || slot.turn);
         }
         if !early.is_zero() {
             tokio::time::sleep_until(slot.at).await;
@@ -509,7 +522,7 @@ impl Pacer {
                 let again = self
                     .state(node)
                     .turn(now, g.waiting.load(Ordering::Relaxed));
-                self.refuse(user, now, again.max(TICK))
+                self.refuse(user, now, again.max(TICK), true)
             }
         }
     }
@@ -528,9 +541,18 @@ impl Pacer {
         Pace::Go(waited)
     }
 
-    fn refuse(&self, user: &str, now: Instant, after: Duration) -> Pace {
+    /// Refuses a login: it should come back `after` from now, which is
+    /// its planned slot, or (`turn`) the pacer's estimate of when the node
+    /// has room.
+    fn refuse(&self, user: &str, now: Instant, after: Duration, turn: bool) -> Pace {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        self.remember(user, now + after);
+        self.slots.insert(
+            user.to_owned(),
+            Slot {
+                at: now + after,
+                turn,
+            },
+        );
         Pace::Refuse(after)
     }
 
