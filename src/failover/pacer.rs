@@ -653,6 +653,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refused_turn_goes_in_early_when_the_node_has_room_a_planned_slot_does_not() {
+        let p = pacer();
+        let now = Instant::now();
+        // The pacer told this login to come back in 30 s (its queue then).
+        let _ = p.refuse(U, now, Duration::from_secs(30), true);
+        // Back early, nobody waiting: in at once.
+        assert_eq!(
+            p.admit(U, NodeId::Node2, HOLD).await,
+            Pace::Go(Duration::ZERO)
+        );
+        // A slot the hint planned 30 s away is kept.
+        p.remember("bob@example.com", now + Duration::from_secs(30));
+        assert_eq!(
+            p.admit("bob@example.com", NodeId::Node2, HOLD).await,
+            Pace::Refuse(Duration::from_secs(30))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_storm_is_admitted_at_the_rate_in_arrival_order() {
         let p = pacer();
         let t0 = Instant::now();
