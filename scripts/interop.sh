@@ -284,7 +284,7 @@ cert = "$CERT"
 key = "$KEY"
 
 [admin]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:$ADMIN_PORT"
 
 # Short timers, so that the failover checks finish in seconds.
 [srm]
@@ -342,11 +342,12 @@ if [ "$MODE" = proxy ]; then
     fi
 fi
 
-mapfile -t PORTS < <(free_ports 4)
+mapfile -t PORTS < <(free_ports 5)
 NODE1_PORT=${PORTS[0]}
 NODE2_PORT=${PORTS[1]}
 STARTTLS_PORT=${PORTS[2]}
 DIRECT_TLS_PORT=${PORTS[3]}
+ADMIN_PORT=${PORTS[4]}
 
 start_prosody node1 "$NODE1_PORT"
 start_prosody node2 "$NODE2_PORT"
@@ -421,6 +422,46 @@ failover_phase() {
         --proxy-log "$logfile" | tee -a "$OUT"
     set -e
 }
+# Fallback through the admin API: after the crash phase node 1 comes back,
+# the group waits with node 1 Failed Over, and the administrator falls back
+# with the command line; both nodes must then be Normal.
+node_states() {
+    "$PROXY_BIN" status --admin "http://127.0.0.1:$ADMIN_PORT" --json 2>/dev/null |
+        "$PY" -c 'import json,sys; print(" / ".join(n["state_text"] for n in json.load(sys.stdin)["nodes"]))'
+}
+wait_states() {
+    local want=$1 i
+    for i in $(seq 1 $((CHECK_TIMEOUT * 10))); do
+        [ "$(node_states)" = "$want" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+fallback_phase() {
+    local pid out
+    pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
+    if [ -n "$pid" ]; then
+        kill -9 "$pid" 2>/dev/null || true
+        wait_exit "$pid" 50 || true
+    fi
+    rm -f "$TMP/node1/prosody.pid"
+    start_prosody node1 "$NODE1_PORT"
+    if ! wait_states "Failed Over / Running in Backup Mode"; then
+        echo "FAIL api-fallback-after-restart: node 1 never showed Failed Over (states: $(node_states))" | tee -a "$OUT"
+        return
+    fi
+    if ! out=$("$PROXY_BIN" fallback prosody1 --admin "http://127.0.0.1:$ADMIN_PORT" 2>&1); then
+        echo "FAIL api-fallback-after-restart: prg-proxy fallback prosody1: $out" | tee -a "$OUT"
+        return
+    fi
+    if wait_states "Normal / Normal"; then
+        echo "PASS api-fallback-after-restart" | tee -a "$OUT"
+        log "after prg-proxy fallback prosody1: $(node_states)"
+    else
+        echo "FAIL api-fallback-after-restart: states after the fallback: $(node_states)" | tee -a "$OUT"
+    fi
+}
+
 restart_node1_and_proxy() {
     local pid
     kill "$PROXY_PID" 2>/dev/null || true
@@ -452,6 +493,7 @@ relogin_phase() {
 }
 if [ "$MODE" = proxy ]; then
     failover_phase KILL "$TMP/proxy.log"
+    fallback_phase
     restart_node1_and_proxy
     failover_phase STOP "$TMP/proxy2.log"
     NODE2_EXTRA=$'relogin_lower = "2s"\nrelogin_upper = "8s"'
