@@ -156,6 +156,11 @@ cleanup() {
     for f in "$TMP"/node1/prosody.pid "$TMP"/node2/prosody.pid; do
         [ -n "$TMP" ] && [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null
     done
+    # ejabberd, if its phase started it.
+    if [ "${#EJ[@]}" -gt 0 ]; then
+        (cd "$TMP/ejabberd" && "${EJ[@]}" stop) >/dev/null 2>&1
+        epmd -kill >/dev/null 2>&1
+    fi
     for pid in "${PIDS[@]}"; do
         wait_exit "$pid" 50 || kill "$pid" 2>/dev/null
         wait_exit "$pid" 30 || kill -9 "$pid" 2>/dev/null
@@ -218,6 +223,8 @@ EOF
         die "$what did not accept connections on 127.0.0.1:$port"
     fi
 }
+
+EJ=()
 
 # Users of the re-login phase (slixmpp clients moved by a crash).
 RELOGIN_USERS="u00 u01 u02 u03 u04 u05 u06 u07"
@@ -500,6 +507,103 @@ if [ "$MODE" = proxy ]; then
     PROXY_EXTRA=$'\n[failover]\nwindow = "fixed"'
     restart_node1_and_proxy
     relogin_phase
+fi
+
+# PROXY protocol v2 against a real server that reads it: ejabberd with
+# use_proxy_protocol on its c2s listener, in a one-node group with
+# proxy_protocol = true. ejabberd must log the client's own address as the
+# source of the relayed connection, and answer the proxy's heartbeats (the
+# group reaches Normal).
+ejabberd_phase() {
+    command -v ejabberdctl >/dev/null 2>&1 || apt_install ejabberd
+    local dir="$TMP/ejabberd" port proxy_port pid out client
+    mapfile -t EJ_PORTS < <(free_ports 2)
+    port=${EJ_PORTS[0]}
+    proxy_port=${EJ_PORTS[1]}
+    mkdir -p "$dir/db" "$dir/log"
+    cat "$REPO/certs/dev-cert.pem" "$REPO/certs/dev-key.pem" >"$dir/cert.pem"
+    cat >"$dir/ejabberd.yml" <<EOF
+hosts:
+  - "example.com"
+loglevel: info
+certfiles:
+  - "$dir/cert.pem"
+listen:
+  -
+    port: $port
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    use_proxy_protocol: true
+auth_method: internal
+modules:
+  mod_roster: {}
+  mod_ping: {}
+  mod_disco: {}
+EOF
+    chown -R ejabberd: "$dir"
+    EJ=(runuser -u ejabberd -- ejabberdctl --config-dir "$dir" --config "$dir/ejabberd.yml" --spool "$dir/db" --logs "$dir/log")
+    (cd "$dir" && "${EJ[@]}" start) >>"$dir/ctl.log" 2>&1 || true
+    local i
+    for i in $(seq 1 60); do
+        (cd "$dir" && "${EJ[@]}" status) >>"$dir/ctl.log" 2>&1 && break
+        sleep 0.5
+    done
+    (cd "$dir" && "${EJ[@]}" register alice example.com pw) >>"$dir/ctl.log" 2>&1 || true
+    wait_port "$port" "ejabberd" "$$" 30
+    cat >"$dir/proxy.toml" <<EOF
+[group]
+name = "ejabberd"
+assignment = "active-standby"
+domains = ["example.com"]
+
+[[nodes]]
+name = "ejabberd1"
+address = "127.0.0.1:$port"
+proxy_protocol = true
+
+[listen]
+starttls = "127.0.0.1:$proxy_port"
+
+[tls]
+cert = "$CERT"
+key = "$KEY"
+
+[admin]
+enabled = false
+
+[srm]
+heartbeat_interval = "1s"
+EOF
+    NO_COLOR=1 RUST_LOG=info "$PROXY_BIN" run --config "$dir/proxy.toml" >"$dir/proxy.log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_port "$proxy_port" "prg-proxy (ejabberd group)" "$pid" 30
+    set +e
+    out=$("$PY" "$HERE/proxy_protocol.py" --port "$proxy_port" ${CA:+--ca "$CA"} --timeout "$CHECK_TIMEOUT" 2>&1)
+    set -e
+    client=$(printf '%s\n' "$out" | sed -n 's/^client //p')
+    if [ -n "$client" ] && grep -q "Accepted proxied connection $client ->" "$dir/log/ejabberd.log"; then
+        echo "PASS proxy-protocol-ejabberd-sees-the-client-address" | tee -a "$OUT"
+        log "ejabberd: $(grep "Accepted proxied connection $client" "$dir/log/ejabberd.log" | sed 's/.*\(Accepted proxied.*\)/\1/')"
+    else
+        echo "FAIL proxy-protocol-ejabberd-sees-the-client-address: client ${client:-none} ($out); ejabberd: $(grep -c 'Accepted proxied' "$dir/log/ejabberd.log" 2>/dev/null) proxied connections" | tee -a "$OUT"
+    fi
+    for i in $(seq 1 $((CHECK_TIMEOUT * 10))); do
+        grep -q "to.state=Normal" "$dir/proxy.log" && break
+        sleep 0.1
+    done
+    if grep -q "to.state=Normal" "$dir/proxy.log"; then
+        echo "PASS proxy-protocol-ejabberd-answers-the-heartbeats" | tee -a "$OUT"
+    else
+        echo "FAIL proxy-protocol-ejabberd-answers-the-heartbeats: $(grep -m1 'heartbeat failed' "$dir/proxy.log")" | tee -a "$OUT"
+    fi
+    kill "$pid" 2>/dev/null || true
+    (cd "$dir" && "${EJ[@]}" stop) >>"$dir/ctl.log" 2>&1 || true
+    epmd -kill >/dev/null 2>&1 || true
+    EJ=()
+}
+if [ "$MODE" = proxy ]; then
+    ejabberd_phase
 fi
 
 PASSED=$(grep -c '^PASS ' "$OUT" || true)

@@ -3,9 +3,11 @@
 //! With `proxy_protocol = true` on a `[[nodes]]` entry, every connection the
 //! proxy opens to that node starts with a v2 header: a `PROXY` command with
 //! the client's address and port as the source (and the node's address as
-//! the destination) for a relayed login, a `LOCAL` command for the proxy's
-//! own heartbeats and probes. The node then logs, limits and audits by the
-//! real client address instead of the proxy's.
+//! the destination) for a relayed login, and the proxy's own address for
+//! its heartbeats and probes (a `LOCAL` command would fit them better, but
+//! ejabberd 23.01 never answers a stream that follows one). The node then
+//! logs, limits and audits by the real client address instead of the
+//! proxy's.
 //!
 //! [`read_header`] is the receiving side, for the simulated node and tests.
 

@@ -456,7 +456,11 @@ impl Upstream {
         let _ = tcp.set_nodelay(true);
         let mut tcp = tcp;
         if self.proxy_protocol {
-            tcp.write_all(&crate::proxy_protocol::header(client, addr))
+            // The proxy's own connections (heartbeats, probes) name the
+            // proxy's address: ejabberd 23.01 never answers a stream
+            // after a LOCAL command.
+            let source = client.or_else(|| tcp.local_addr().ok());
+            tcp.write_all(&crate::proxy_protocol::header(source, addr))
                 .await
                 .map_err(|e| self.protocol(&format!("write PROXY header: {e}")))?;
         }
