@@ -299,8 +299,9 @@ pub struct NodeConfig {
     #[serde(default)]
     pub heartbeat: HeartbeatKind,
     /// Start every connection to the node with a PROXY protocol v2 header:
-    /// the client's address for relayed logins, `LOCAL` for heartbeats and
-    /// probes. Only for nodes (or load balancers) that expect it.
+    /// the client's address for relayed logins, the proxy's own for
+    /// heartbeats and probes. Only for nodes (or load balancers) that
+    /// expect it.
     #[serde(default)]
     pub proxy_protocol: bool,
     /// Services the node cannot serve users without: when one stays down
