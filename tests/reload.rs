@@ -251,3 +251,49 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `POST /reload` on the admin API: a good file is applied (200 with what
+/// changed), a broken one refused with 400 naming the key while the proxy
+/// keeps its configuration, and a proxy not started from a file says so.
+#[tokio::test]
+async fn post_reload_applies_a_good_file_and_refuses_a_broken_one() {
+    let (mut g, path) = group_with_file("").await;
+    let url = format!("http://{}/reload", g.admin.expect("admin API on"));
+    let post = |url: String| async move {
+        let r = reqwest::Client::new().post(url).send().await.unwrap();
+        let code = r.status().as_u16();
+        let v: serde_json::Value = r.json().await.unwrap();
+        (code, v)
+    };
+    // A changed limit is applied.
+    std::fs::write(
+        &path,
+        read(&path).replace("[tls]", "[limits]\nmax_auth_attempts = 3\n\n[tls]"),
+    )
+    .unwrap();
+    let (code, v) = post(url.clone()).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(g.view.current_config().limits.max_auth_attempts, 3);
+    // A certificate that is not there: refused, naming the key.
+    std::fs::write(
+        &path,
+        read(&path).replace(g.certs.cert().as_str(), "/nonexistent/cert.pem"),
+    )
+    .unwrap();
+    let (code, v) = post(url.clone()).await;
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").starts_with("tls.cert"),
+        "{v}"
+    );
+    assert_eq!(g.view.current_config().limits.max_auth_attempts, 3);
+    g.stop().await;
+
+    // Started from a configuration in memory: nothing to re-read.
+    let mut g = TestGroup::start().await;
+    let url = format!("http://{}/reload", g.admin.expect("admin API on"));
+    let (code, v) = post(url).await;
+    assert_eq!(code, 409, "{v}");
+    g.stop().await;
+}

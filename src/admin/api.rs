@@ -93,6 +93,7 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
         .route("/failover/{node}", post(failover))
         .route("/fallback/{node}", post(fallback))
         .route("/recover", post(recover))
+        .route("/reload", post(reload))
         .route("/users", post(add_user))
         .route("/users/{jid}/move", post(move_user))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
@@ -315,6 +316,30 @@ async fn fallback(State(st): St, Path(node): Path<String>) -> ApiResult {
 async fn recover(State(st): St) -> ApiResult {
     st.view.group.recovery().await?;
     done(&st)
+}
+
+/// Re-reads the configuration file (as SIGHUP does): 200 with what was
+/// applied and what needs a restart, 400 naming the key if the file is bad
+/// (the running configuration stays), 409 when the proxy was not started
+/// from a file.
+async fn reload(State(st): St) -> ApiResult {
+    if st.view.config_path().is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the proxy was not started from a configuration file",
+        ));
+    }
+    match st.view.reload() {
+        Ok(r) => Ok(Json(json!({
+            "ok": true,
+            "applied": r.applied,
+            "needs_restart": r.needs_restart,
+        }))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{}: {}", e.key, e.message),
+        )),
+    }
 }
 
 async fn user(State(st): St, Path(jid): Path<String>) -> ApiResult {

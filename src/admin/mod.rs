@@ -18,6 +18,7 @@
 //! | `POST /failover/{node}` | manual failover of the node | 404 unknown node, 409 refused by the state machine, 503 monitor not running |
 //! | `POST /fallback/{node}` | manual fallback to the node | same |
 //! | `POST /recover` | manual recovery (both nodes failed) | 409, 503 |
+//! | `POST /reload` | re-read the configuration file (as SIGHUP) | 400, 409 |
 //! | `GET /users/{jid}` | home node, serving node, sessions (resource, node, presence) | 400 invalid JID |
 //! | `POST /users` `{"jid","node"}` | add a user to the assignment | 400, 404, 409 during failover or in active-standby |
 //! | `POST /users/{jid}/move` `{"node"}` | pin the user's home to the node and close the user's streams elsewhere with a re-login hint | 400, 404, 409 |
