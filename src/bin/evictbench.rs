@@ -23,12 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use prg_proxy::config::Config;
 use prg_proxy::node::NodeId;
-use prg_proxy::sim::bench::{chat, percentile, users_by_home};
+use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy};
 use prg_proxy::sim::{ClientTls, Roster, SimClient, SimNodeConfig, SimPair};
-use prg_proxy::Proxy;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 const DOMAIN: &str = "example.com";
 const STEP: Duration = Duration::from_secs(30);
@@ -95,51 +93,18 @@ async fn run(cli: Cli) -> Res<()> {
     let pair = SimPair::start(node("imp1"), node("imp2"))
         .await
         .map_err(|e| format!("node pair: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("prg-evictbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(|e| e.to_string())?;
-    let client_tls =
-        prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
-            .map_err(|e| e.to_string())?;
-    let text = format!(
-        "[group]\nname = \"bench\"\nhigh_availability = true\nassignment = \"balanced\"\n\
-         domains = [\"{DOMAIN}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
-         [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n\n\
-         [listen]\nstarttls = \"127.0.0.1:0\"\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
-         [limits]\nwrite_timeout = \"{}\"\n\n\
-         [admin]\nenabled = false\n\n\
-         [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n",
-        pair.nodes[0].addr(),
-        pair.nodes[1].addr(),
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display(),
-        cli.write_timeout,
-    );
-    let config = Config::parse(&text).map_err(|e| e.to_string())?;
-    let proxy = Proxy::bind(config).await.map_err(|e| e.to_string())?;
-    let addr = proxy.starttls_addr().ok_or("no listener")?;
-    let view = proxy.view();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let proxy_task = tokio::spawn(proxy.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let mut status = view.group_status();
-    tokio::time::timeout(
-        STEP,
-        status
-            .wait_for(|s| s.serving == [Some(NodeId::Node1), Some(NodeId::Node2)] && s.monitoring),
+    let bench = BenchProxy::start(
+        "evictbench",
+        DOMAIN,
+        &pair,
+        "",
+        &format!(
+            "[limits]\nwrite_timeout = \"{}\"\n\n             [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n",
+            cli.write_timeout
+        ),
     )
-    .await
-    .map_err(|_| "group not Normal")?
-    .map_err(|_| "monitor gone")?;
-
-    let tls = ClientTls::StartTls {
-        config: client_tls,
-        server_name: DOMAIN.into(),
-    };
+    .await?;
+    let (addr, view, tls) = (bench.addr, bench.view.clone(), bench.tls.clone());
     let login = move |user: String, tls: ClientTls| async move {
         let mut c = SimClient::connect(addr, DOMAIN, tls)
             .await
@@ -306,9 +271,7 @@ async fn run(cli: Cli) -> Res<()> {
     for r in readers {
         r.abort();
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(STEP, proxy_task).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    bench.stop().await;
     if !done.load(Ordering::Relaxed) {
         return Err("the eviction did not finish".into());
     }

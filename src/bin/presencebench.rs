@@ -31,16 +31,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use prg_proxy::config::{Config, TempPresenceConfig};
+use prg_proxy::config::TempPresenceConfig;
 use prg_proxy::control::ConnHandle;
 use prg_proxy::node::NodeId;
 use prg_proxy::presence::Registry;
-use prg_proxy::sim::bench::{chat, percentile, users_by_home};
+use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy};
 use prg_proxy::sim::{
     ClientError, ClientTls, Roster, SimClient, SimNodeConfig, SimPair, TEMP_PRESENCE_NOTIFY,
 };
-use prg_proxy::Proxy;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Counts the bytes allocated and not freed, to measure the registry.
 struct Counting;
@@ -225,55 +224,26 @@ async fn run(cli: Cli) -> Res<()> {
     let pair = SimPair::start(node("imp1"), node("imp2"))
         .await
         .map_err(|e| format!("node pair: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("prg-presencebench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(|e| e.to_string())?;
-    let client_tls =
-        prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
-            .map_err(|e| e.to_string())?;
-    let text = format!(
-        "[group]\nname = \"bench\"\nhigh_availability = true\nassignment = \"balanced\"\n\
-         domains = [\"{DOMAIN}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
-         [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\nrelogin_lower = \"{}\"\nrelogin_upper = \"{}\"\n\n\
-         [listen]\nstarttls = \"127.0.0.1:0\"\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[admin]\nenabled = false\n\n\
-         [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n\
-         [failover]\nmax_rate = 5000.0\ninitial_rate = 1000.0\n\n\
-         [temp_presence]\nreplay_rate = {}\nmin_interval = \"{}\"\nmax_pairs = {}\nmax_pairs_per_watcher = {}\n",
-        pair.nodes[0].addr(),
-        pair.nodes[1].addr(),
-        cli.lower,
-        cli.upper,
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display(),
-        cli.rate,
-        cli.min_interval,
-        pairs_wanted.max(1),
-        cli.per_watcher.max(1),
-    );
-    let config = Config::parse(&text).map_err(|e| e.to_string())?;
-    let proxy = Proxy::bind(config).await.map_err(|e| e.to_string())?;
-    let addr = proxy.starttls_addr().ok_or("no listener")?;
-    let view = proxy.view();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let proxy_task = tokio::spawn(proxy.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let mut status = view.group_status();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        status
-            .wait_for(|s| s.serving == [Some(NodeId::Node1), Some(NodeId::Node2)] && s.monitoring),
+    let bench = BenchProxy::start(
+        "presencebench",
+        DOMAIN,
+        &pair,
+        &format!(
+            "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
+            cli.lower, cli.upper
+        ),
+        &format!(
+            "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n\
+             [failover]\nmax_rate = 5000.0\ninitial_rate = 1000.0\n\n\
+             [temp_presence]\nreplay_rate = {}\nmin_interval = \"{}\"\nmax_pairs = {}\nmax_pairs_per_watcher = {}\n",
+            cli.rate,
+            cli.min_interval,
+            pairs_wanted.max(1),
+            cli.per_watcher.max(1),
+        ),
     )
-    .await
-    .map_err(|_| "group not Normal")?
-    .map_err(|_| "monitor gone")?;
-    let tls = ClientTls::StartTls {
-        config: client_tls,
-        server_name: DOMAIN.into(),
-    };
+    .await?;
+    let (addr, view, tls) = (bench.addr, bench.view.clone(), bench.tls.clone());
 
     // Everyone logs in.
     let t = Instant::now();
@@ -422,8 +392,6 @@ async fn run(cli: Cli) -> Res<()> {
     for m in members {
         m.abort();
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(30), proxy_task).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    bench.stop().await;
     Ok(())
 }

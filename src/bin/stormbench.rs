@@ -37,16 +37,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use prg_proxy::config::Config;
 use prg_proxy::node::NodeId;
-use prg_proxy::sim::bench::{chat, percentile, users_by_home};
+use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy};
 use prg_proxy::sim::{
     ClientError, ClientTls, LoginCapacity, ReconnectPolicy, Roster, SimClient, SimNodeConfig,
     SimPair,
 };
-use prg_proxy::Proxy;
 use rand::Rng;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 
 const DOMAIN: &str = "example.com";
 const STEP: Duration = Duration::from_secs(30);
@@ -182,56 +180,26 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     let pair = SimPair::start(node("imp1"), c2)
         .await
         .map_err(|e| format!("node pair: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("prg-stormbench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(|e| e.to_string())?;
-    let client_tls =
-        prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
-            .map_err(|e| e.to_string())?;
     let failover = match mode {
         "unpaced" => "pacing = false\nwindow = \"fixed\"\n",
         "fixed" => "window = \"fixed\"\n",
         "adaptive" => "window = \"adaptive\"\n",
         m => return Err(format!("unknown mode {m}")),
     };
-    let text = format!(
-        "[group]\nname = \"bench\"\nhigh_availability = true\nassignment = \"balanced\"\n\
-         domains = [\"{DOMAIN}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
-         [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\nrelogin_lower = \"{}\"\nrelogin_upper = \"{}\"\n\n\
-         [admin]\nlisten = \"127.0.0.1:0\"\n\n[listen]\nstarttls = \"127.0.0.1:0\"\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
-         [srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}",
-        pair.nodes[0].addr(),
-        pair.nodes[1].addr(),
-        cli.lower,
-        cli.upper,
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display(),
-    );
-    let config = Config::parse(&text).map_err(|e| e.to_string())?;
-    let proxy = Proxy::bind(config).await.map_err(|e| e.to_string())?;
-    let addr = proxy.starttls_addr().ok_or("no listener")?;
-    let view = proxy.view();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let proxy_task = tokio::spawn(proxy.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let mut status = view.group_status();
-    tokio::time::timeout(
-        STEP,
-        status
-            .wait_for(|s| s.serving == [Some(NodeId::Node1), Some(NodeId::Node2)] && s.monitoring),
+    let bench = BenchProxy::start(
+        "stormbench",
+        DOMAIN,
+        &pair,
+        &format!(
+            "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
+            cli.lower, cli.upper
+        ),
+        &format!(
+            "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}"
+        ),
     )
-    .await
-    .map_err(|_| "group not Normal")?
-    .map_err(|_| "monitor gone")?;
-
-    let tls = ClientTls::StartTls {
-        config: client_tls,
-        server_name: DOMAIN.into(),
-    };
+    .await?;
+    let (addr, view, tls) = (bench.addr, bench.view.clone(), bench.tls.clone());
     let login = move |user: String, tls: ClientTls| async move {
         let mut c = SimClient::connect(addr, DOMAIN, tls).await?;
         c.login(&user, "pw", "PLAIN").await?;
@@ -396,8 +364,6 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     eprintln!("{mode}: node 2 logins per second: {:?}", per_second);
     drop(sessions);
     drop(chatters);
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(STEP, proxy_task).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    bench.stop().await;
     Ok(out)
 }
