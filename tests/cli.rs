@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -108,14 +107,6 @@ fn other_config_errors_exit_64_naming_the_key() {
 }
 
 /// Never leaves a proxy running when a test fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 // Multi-threaded: the test blocks a thread reading the proxy's log while
 // the simulated nodes must keep answering.
@@ -136,23 +127,10 @@ async fn sigterm_drains_with_system_shutdown() {
     )
     .replace("direct_tls = \"127.0.0.1:0\"\n", "");
     let p = write_config(certs.dir.path(), &text);
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let child = &mut child.0;
+    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
+    let child = &mut proxy.child;
+    let rx = &proxy.lines;
     // The log says where it listens.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let addr = loop {
         let line = match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(l) => l,
@@ -422,21 +400,12 @@ async fn json_logs_are_one_object_per_line_with_the_connection_fields() {
     )
     .replace("direct_tls = \"127.0.0.1:0\"\n", "");
     let p = write_config(certs.dir.path(), &text);
-    let child = Command::new(BIN)
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info,prg_proxy::connection=debug")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let proxy = ProxyProcess::spawn(
+        &["--log-format", "json"],
+        &p,
+        "info,prg_proxy::connection=debug",
+    );
+    let rx = &proxy.lines;
     let next = || -> serde_json::Value {
         let line = rx
             .recv_timeout(Duration::from_secs(20))

@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -147,16 +146,6 @@ async fn a_broken_config_is_refused_naming_the_key_and_the_old_one_stays() {
     g.stop().await;
 }
 
-/// Never leaves a proxy running when a test fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -198,23 +187,10 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
     .replace("direct_tls = \"127.0.0.1:0\"\n", "");
     let p = certs.dir.path().join("proxy.toml");
     std::fs::write(&p, &text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_prg-proxy"))
-        .args(["run", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let child = &mut child.0;
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = wait_log(&rx, "listening");
+    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
+    let child = &mut proxy.child;
+    let rx = &proxy.lines;
+    let line = wait_log(rx, "listening");
     let addr: SocketAddr = line
         .split("addr=")
         .nth(1)
@@ -231,13 +207,13 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
 
     let pid = child.id();
     signal(pid, "HUP");
-    wait_log(&rx, "configuration reloaded");
+    wait_log(rx, "configuration reloaded");
     signal(pid, "USR1");
-    wait_log(&rx, "SIGUSR1 received: ignored");
+    wait_log(rx, "SIGUSR1 received: ignored");
     // A broken file is refused; the proxy goes on with the running one.
     std::fs::write(&p, text.replace("[tls]", "[tls")).unwrap();
     signal(pid, "HUP");
-    wait_log(&rx, "configuration reload refused");
+    wait_log(rx, "configuration reload refused");
 
     assert!(child.try_wait().unwrap().is_none(), "the proxy exited");
     alice.ping().await.unwrap();

@@ -200,3 +200,40 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The real `prg-proxy` binary running `prg-proxy [global…] run --config
+/// CONFIG`, killed when dropped, its log lines (standard error) on a
+/// channel read by a thread of its own.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ProxyProcess {
+    pub fn spawn(global: &[&str], config: &std::path::Path, rust_log: &str) -> ProxyProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prg-proxy"))
+            .args(global)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        ProxyProcess { child, lines }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
