@@ -23,13 +23,19 @@
 //! back (against N / C), held and refused logins, and the chatters' round
 //! trip p50 / p99 during the storm against before it.
 //!
-//! Each session costs this process four descriptors (client, proxy client
+//! In one process each session costs four descriptors (client, proxy client
 //! side, proxy node side, node side): 4,000 sessions and 200 chatters fit
-//! the 20,000 open-file limit. Everything is on 127.0.0.1; every loop is
-//! bounded in count and time.
+//! a 20,000 open-file limit. With `--separate-proxy` the proxy is the real
+//! `prg-proxy` binary (next to this one) in a process of its own, its
+//! counters read from the admin API's `/metrics`: two descriptors per
+//! session on each side, so 9,000 sessions fit. Raise the soft limit to
+//! the hard one first (`ulimit -n $(ulimit -Hn)`). Everything is on
+//! 127.0.0.1; every loop is bounded in count and time.
 //!
 //! ```sh
 //! cargo run --release --bin stormbench -- [--users 4000] [--capacity 200]
+//! cargo build --release && ulimit -n $(ulimit -Hn) && \
+//!   target/release/stormbench --separate-proxy --users 9000 --upper 50s
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,8 +43,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use prg_proxy::config::{FailoverConfig, WindowMode};
+use prg_proxy::failover::plan::{window, Window};
 use prg_proxy::node::NodeId;
-use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy};
+use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy, BenchProxyProcess};
 use prg_proxy::sim::{
     ClientError, ClientTls, LoginCapacity, ReconnectPolicy, Roster, SimClient, SimNodeConfig,
     SimPair,
@@ -72,6 +80,67 @@ struct Cli {
     /// Give up on a mode after this long.
     #[arg(long, default_value = "240s")]
     bound: String,
+    /// Run the proxy as the `prg-proxy` binary in a process of its own.
+    #[arg(long)]
+    separate_proxy: bool,
+}
+
+/// The proxy under test: in this process, or the real binary beside it.
+enum UnderTest {
+    InProcess(BenchProxy),
+    Process(BenchProxyProcess),
+}
+
+/// The pacer's counters at one moment.
+struct PacerCounts {
+    held: u64,
+    refused: u64,
+    /// Node 2's rate.
+    rate: f64,
+}
+
+impl UnderTest {
+    async fn counts(&self) -> PacerCounts {
+        match self {
+            UnderTest::InProcess(b) => {
+                let p = b.view.hints.pacer();
+                PacerCounts {
+                    held: p.stats.held.load(Ordering::Relaxed),
+                    refused: p.stats.refused.load(Ordering::Relaxed),
+                    rate: p.rate(NodeId::Node2),
+                }
+            }
+            UnderTest::Process(p) => PacerCounts {
+                held: p.metric("prg_proxy_pacer_held_total").await as u64,
+                refused: p.metric("prg_proxy_pacer_refused_total").await as u64,
+                rate: p.metric("prg_proxy_pacer_rate{node=\"imp2\"}").await,
+            },
+        }
+    }
+
+    /// The re-login window of `n` users moved to node 2.
+    fn window(&self, cli: &Cli, mode: &str, n: usize, rate: f64) -> Res<Window> {
+        match self {
+            UnderTest::InProcess(b) => Ok(b.view.hints.window(NodeId::Node2, n)),
+            UnderTest::Process(_) => {
+                let d = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string());
+                let m = if mode == "adaptive" {
+                    WindowMode::Adaptive
+                } else {
+                    WindowMode::Fixed
+                };
+                let max = FailoverConfig::default().max_rate;
+                Ok(window(m, n, rate, max, d(&cli.lower)?, d(&cli.upper)?))
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            UnderTest::InProcess(b) => b.stop().await,
+            UnderTest::Process(p) => p.stop(),
+        }
+    }
 }
 
 type Res<T> = Result<T, String>;
@@ -186,20 +255,27 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         "adaptive" => "window = \"adaptive\"\n",
         m => return Err(format!("unknown mode {m}")),
     };
-    let bench = BenchProxy::start(
-        "stormbench",
-        DOMAIN,
-        &pair,
-        &format!(
-            "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
-            cli.lower, cli.upper
-        ),
-        &format!(
-            "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}"
-        ),
-    )
-    .await?;
-    let (addr, view, tls) = (bench.addr, bench.view.clone(), bench.tls.clone());
+    let node2 = format!(
+        "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
+        cli.lower, cli.upper
+    );
+    let tail = format!(
+        "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}"
+    );
+    let bench = if cli.separate_proxy {
+        let bin = std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("prg-proxy");
+        UnderTest::Process(
+            BenchProxyProcess::spawn(&bin, "stormbench", DOMAIN, &pair, &node2, &tail).await?,
+        )
+    } else {
+        UnderTest::InProcess(BenchProxy::start("stormbench", DOMAIN, &pair, &node2, &tail).await?)
+    };
+    let (addr, tls) = match &bench {
+        UnderTest::InProcess(b) => (b.addr, b.tls.clone()),
+        UnderTest::Process(p) => (p.addr, p.tls.clone()),
+    };
     let login = move |user: String, tls: ClientTls| async move {
         let mut c = SimClient::connect(addr, DOMAIN, tls).await?;
         c.login(&user, "pw", "PLAIN").await?;
@@ -242,11 +318,7 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     // The crash.
     let completed0 = pair.nodes[1].logins_completed();
     let failed0 = pair.nodes[1].logins_overloaded();
-    let pacer = view.hints.pacer().clone();
-    let (held0, refused0) = (
-        pacer.stats.held.load(Ordering::Relaxed),
-        pacer.stats.refused.load(Ordering::Relaxed),
-    );
+    let before = bench.counts().await;
     let t0 = Instant::now();
     pair.nodes[0].kill();
     let closed = Arc::new(AtomicUsize::new(0));
@@ -335,7 +407,8 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         let k = ((n as f64) * p).ceil() as usize;
         (back.len() >= k && k > 0).then(|| back[k - 1])
     };
-    let window = view.hints.window(NodeId::Node2, n);
+    let after = bench.counts().await;
+    let window = bench.window(cli, mode, n, after.rate)?;
     let planned = if paced {
         window.planned_rate(n).min(cli.capacity)
     } else {
@@ -353,9 +426,9 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         t99: at(0.99),
         t100: at(1.0),
         back: back.len(),
-        held: pacer.stats.held.load(Ordering::Relaxed) - held0,
-        refused: pacer.stats.refused.load(Ordering::Relaxed) - refused0,
-        rate: pacer.rate(NodeId::Node2),
+        held: after.held - before.held,
+        refused: after.refused - before.refused,
+        rate: after.rate,
         quiet_p50: percentile(&quiet, 0.5),
         quiet_p99: percentile(&quiet, 0.99),
         storm_p50: percentile(&storm, 0.5),
