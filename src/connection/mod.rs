@@ -421,9 +421,11 @@ impl ClientConnection {
                     .refuse_stream(&mut plain, "policy-violation", "STARTTLS is required")
                     .await);
             }
-            if !plain.buf.is_empty() {
+            if !plain.buf.iter().all(|b| b" \t\r\n".contains(b)) {
                 // Bytes pipelined after <starttls/> would be trusted as if
                 // they came over TLS: refuse them (STARTTLS injection).
+                // Whitespace after it (a keep-alive, a newline) is no
+                // stanza and is dropped with the plain buffer.
                 return Err(self
                     .refuse_stream(&mut plain, "policy-violation", "data after <starttls/>")
                     .await);
