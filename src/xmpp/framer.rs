@@ -460,6 +460,12 @@ impl Framer {
                     self.open.pop();
                     self.depth -= 1;
                     if self.depth == 0 {
+                        if self.xml_decl_seen {
+                            // `<?xml …?><stream:stream …/>`: no stream opens.
+                            return Err(FrameError::NotWellFormed(
+                                "XML declaration not followed by a stream header",
+                            ));
+                        }
                         self.head_end = i;
                         check_chars(&buf[..i])?;
                         return Ok(Some(self.done(FrameKind::Stanza, i)));

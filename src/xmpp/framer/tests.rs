@@ -222,6 +222,11 @@ fn malformed_xml_is_refused() {
         first_error(&bad, 1000),
         FrameError::NotWellFormed(_)
     ));
+    // An XML declaration before an empty stream element: no stream opens.
+    assert!(matches!(
+        first_error(b"<?xml version='1.0'?><stream:stream/>", 1000),
+        FrameError::NotWellFormed(_)
+    ));
     // A stanza before any stream header.
     assert!(matches!(
         first_error(b"<message/>", 1000),
