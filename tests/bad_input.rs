@@ -5,9 +5,9 @@
 //! Cases already covered elsewhere are not repeated: a DOCTYPE on the plain
 //! port, a comment and an undeclared entity after login, a 300 KiB stanza and
 //! a mismatched end tag after login (`relay.rs`); deep nesting and too many
-//! attributes, an `<auth>` of 20 000 bytes, text that is not base64 in
-//! `<auth>`, a node's over-size roster (`hardening.rs`); a ClientHello that
-//! never comes (`tls.rs`).
+//! attributes before login, an `<auth>` of 20 000 bytes, text that is not
+//! base64 in `<auth>`, a node's over-size roster (`hardening.rs`); a
+//! ClientHello that never comes (`tls.rs`).
 
 mod common;
 
@@ -301,6 +301,35 @@ async fn an_element_of_the_limit_passes_and_one_byte_more_gets_policy_violation(
     alice.send_raw(&msg(10_001)).await.unwrap();
     let raw = ends_with(&mut alice, "policy-violation", "stanza of limit + 1 bytes").await;
     assert!(raw.contains("10000"), "{raw}");
+}
+
+/// After login too (the relay's framer, not the pre-auth one), nesting
+/// deeper than `limits.max_depth` and more attributes than
+/// `limits.max_attributes` get `<policy-violation/>` at once; the user
+/// next door is served.
+#[tokio::test]
+async fn deep_nesting_and_many_attributes_after_login_get_policy_violation() {
+    let g = TestGroup::start().await;
+    let mut bob = g.login("bob", "PLAIN", "b").await;
+    let attrs: String = (0..51).map(|i| format!(" a{i}='x'")).collect();
+    for (case, xml, says) in [
+        (
+            "deep nesting after login",
+            "<a>".repeat(2000),
+            "nested deeper",
+        ),
+        (
+            "51 attributes after login",
+            format!("<message to='bob@example.com'><x{attrs}/></message>"),
+            "attributes",
+        ),
+    ] {
+        let mut alice = g.login("alice", "PLAIN", "a").await;
+        let _ = alice.send_raw(&xml).await;
+        let raw = ends_with(&mut alice, "policy-violation", case).await;
+        assert!(raw.contains(says), "{case}: {raw}");
+    }
+    bob.ping().await.unwrap();
 }
 
 /// A slow drip of one `<auth>` (a byte every 50 ms, never finished) is cut
@@ -744,6 +773,8 @@ enum Fake {
     BadXmlInSasl,
     /// Answers the `<auth>` with a stanza that never ends.
     EndlessInSasl,
+    /// Answers the `<auth>` with elements nested 1000 deep.
+    DeepInSasl,
     /// Reads the `<auth>` and never answers it.
     SilentAfterAuth,
     /// Logs the user in, then answers the first stanza with malformed XML.
@@ -788,6 +819,10 @@ async fn fake_session(mut s: TcpStream, how: Fake) {
                     while s.write_all(&chunk).await.is_ok() {}
                     return;
                 }
+                Fake::DeepInSasl => {
+                    let deep = format!("<challenge xmlns='{NS_SASL}'>{}", "<a>".repeat(1000));
+                    s.write_all(deep.as_bytes()).await
+                }
                 Fake::BadXmlAfterLogin => {
                     let _ = s
                         .write_all(format!("<success xmlns='{NS_SASL}'/>").as_bytes())
@@ -829,9 +864,9 @@ async fn with_fake_node(how: Fake, limits: &str) -> TestGroup {
 /// accepts TCP and never answers (`<temporary-auth-failure/>` after
 /// `upstream_connect_timeout`), one that never answers the `<auth>`
 /// (`<remote-connection-failed/>` at the login deadline), malformed XML
-/// during SASL and after login, a never-ending stanza during SASL
-/// (`<internal-server-error/>`: the node is the service's own, RFC 6120
-/// §4.9.3.17).
+/// during SASL and after login, a never-ending or too deeply nested stanza
+/// during SASL (`<internal-server-error/>`: the node is the service's own,
+/// RFC 6120 §4.9.3.17).
 #[tokio::test]
 async fn a_misbehaving_node_ends_that_stream_with_an_accurate_error() {
     let limits = "[limits]\nupstream_connect_timeout = \"500ms\"\npre_auth_timeout = \"1500ms\"\n\
@@ -868,6 +903,7 @@ async fn a_misbehaving_node_ends_that_stream_with_an_accurate_error() {
             "internal-server-error",
             "larger than the limit of 20000 bytes",
         ),
+        (Fake::DeepInSasl, "internal-server-error", "nested deeper"),
         (
             Fake::BadXmlAfterLogin,
             "internal-server-error",
