@@ -756,6 +756,11 @@ impl SimClient {
         self.write(xml.as_bytes()).await
     }
 
+    /// Send bytes that need not be UTF-8 (bad input for tests).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.write(bytes).await
+    }
+
     async fn write(&mut self, b: &[u8]) -> Result<(), ClientError> {
         self.io.write_all(b).await?;
         self.io.flush().await?;

@@ -165,6 +165,13 @@ impl TestGroup {
         }
     }
 
+    /// Connects over STARTTLS (stream open, SASL features read).
+    pub async fn client(&self) -> SimClient {
+        SimClient::connect(self.starttls, DOMAIN, self.starttls_tls())
+            .await
+            .unwrap()
+    }
+
     /// Connects over STARTTLS, logs in and binds.
     pub async fn login(&self, user: &str, mech: &str, resource: &str) -> SimClient {
         let mut c = SimClient::connect(self.starttls, DOMAIN, self.starttls_tls())
@@ -183,6 +190,30 @@ impl TestGroup {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
         }
+    }
+}
+
+/// A simulated node pair serving [`users`] in [`DOMAIN`].
+pub async fn sim_pair() -> SimPair {
+    SimPair::start(
+        SimNodeConfig::new("imp1", DOMAIN, users()),
+        SimNodeConfig::new("imp2", DOMAIN, users()),
+    )
+    .await
+    .unwrap()
+}
+
+/// The stream error condition of `r`, checked against `want`; its raw XML.
+pub fn stream_error<T: std::fmt::Debug>(
+    r: Result<T, prg_proxy::sim::ClientError>,
+    want: &str,
+) -> String {
+    match r {
+        Err(prg_proxy::sim::ClientError::StreamError { condition, raw, .. }) => {
+            assert_eq!(condition, want, "{raw}");
+            raw
+        }
+        other => panic!("expected <{want}/>, got {other:?}"),
     }
 }
 
