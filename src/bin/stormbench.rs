@@ -13,9 +13,11 @@
 //! - **unpaced** (`failover.pacing = false`): every client at once, as
 //!   through a TCP proxy; a failed login is tried again after 1 s;
 //! - **fixed** (window `[--lower, --upper]` on node 2) and **adaptive**
-//!   (the default window): 70 % of the clients honour their hint, 15 % come
-//!   back at once and 15 % after RFC 6120's random 0–60 s; a refused or
-//!   failed login comes back at its fresh hint (honouring) or after 1 s.
+//!   (the default window): `--naive` percent of the clients (30 by
+//!   default) ignore their hint, in four equal groups: back at once, after
+//!   RFC 6120's random 0–60 s, after a fixed 10 s, after a fixed 25 s; the
+//!   rest honour it. A refused or failed login comes back at its fresh hint
+//!   (honouring), after 1 s (at once) or after the client's own back-off.
 //!
 //! Reported per mode: time until every stream was closed, logins per
 //! second completed at node 2 (peak 1-second bucket against the planned
@@ -80,6 +82,12 @@ struct Cli {
     /// Give up on a mode after this long.
     #[arg(long, default_value = "240s")]
     bound: String,
+    /// Percent of the clients that ignore their hint in the paced modes,
+    /// split evenly: back at once, after RFC 6120's random 0–60 s, after a
+    /// fixed 10 s (as Dino), after a fixed 25 s (as Conversations' first
+    /// try).
+    #[arg(long, default_value_t = 30)]
+    naive: u32,
     /// Run the proxy as the `prg-proxy` binary in a process of its own.
     #[arg(long)]
     separate_proxy: bool,
@@ -185,8 +193,8 @@ fn main() -> std::process::ExitCode {
     let ideal = cli.users as f64 / cli.capacity;
     println!(
         "\nfailover storm over real sockets: {} users on node 1 killed, node 2 takes {:.0} logins/s (N / C = {:.1} s); \
-         paced modes: 70 % honour the hint, 15 % at once, 15 % RFC 6120 0-60 s",
-        cli.users, cli.capacity, ideal
+         paced modes: {} % ignore the hint (at once, RFC 6120 0-60 s, 10 s, 25 s), the rest honour it",
+        cli.users, cli.capacity, ideal, cli.naive
     );
     println!(
         "{:>9} {:>8} {:>7} {:>7} {:>6} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6}  {:>22}",
@@ -330,11 +338,14 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         let user = on1[i].clone();
         let policy = if !paced {
             ReconnectPolicy::Immediate
+        } else if (i % 100) as u32 >= cli.naive {
+            ReconnectPolicy::Honour
         } else {
-            match i % 20 {
-                0..=13 => ReconnectPolicy::Honour,
-                14..=16 => ReconnectPolicy::Immediate,
-                _ => ReconnectPolicy::Rfc6120Random,
+            match i % 4 {
+                0 => ReconnectPolicy::Immediate,
+                1 => ReconnectPolicy::Rfc6120Random,
+                2 => ReconnectPolicy::Fixed(Duration::from_secs(10)),
+                _ => ReconnectPolicy::Fixed(Duration::from_secs(25)),
             }
         };
         tasks.push(tokio::spawn(async move {
@@ -357,9 +368,13 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
                     Ok(c) => return Some((t0.elapsed(), c)),
                     Err(e) => {
                         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..500));
+                        // A naive client tries again on its own back-off.
                         wait = match (&policy, e.relogin()) {
                             (ReconnectPolicy::Honour, Some(h)) => h.after,
-                            _ => Duration::from_secs(1) + jitter,
+                            (ReconnectPolicy::Honour | ReconnectPolicy::Immediate, _) => {
+                                Duration::from_secs(1) + jitter
+                            }
+                            (p, _) => p.delay(None, &mut rand::thread_rng()).max(jitter),
                         };
                     }
                 }
