@@ -448,15 +448,22 @@ wait_states() {
     done
     return 1
 }
-fallback_phase() {
-    local pid out
+# restart_node1: whatever is left of Prosody node 1 (stopped, hung or
+# dead) is killed, and a fresh one started on the same port and data.
+restart_node1() {
+    local pid
     pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
     if [ -n "$pid" ]; then
+        kill -CONT "$pid" 2>/dev/null || true
         kill -9 "$pid" 2>/dev/null || true
         wait_exit "$pid" 50 || true
     fi
     rm -f "$TMP/node1/prosody.pid"
     start_prosody node1 "$NODE1_PORT"
+}
+fallback_phase() {
+    local out
+    restart_node1
     if ! wait_states "Failed Over / Running in Backup Mode"; then
         echo "FAIL api-fallback-after-restart: node 1 never showed Failed Over (states: $(node_states))" | tee -a "$OUT"
         return
@@ -476,17 +483,9 @@ fallback_phase() {
 # restart_node1_and_proxy [LOGFILE]: a fresh node 1 and a fresh proxy
 # (logging to LOGFILE, default proxy2.log) with the current settings.
 restart_node1_and_proxy() {
-    local pid
     kill "$PROXY_PID" 2>/dev/null || true
     wait_exit "$PROXY_PID" 100 || kill -9 "$PROXY_PID" 2>/dev/null || true
-    pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
-    if [ -n "$pid" ]; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -9 "$pid" 2>/dev/null || true
-        wait_exit "$pid" 50 || true
-    fi
-    rm -f "$TMP/node1/prosody.pid"
-    start_prosody node1 "$NODE1_PORT"
+    restart_node1
     start_proxy "${1:-$TMP/proxy2.log}"
     "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 60 ||
         die "prg-proxy offers no SASL mechanisms after the restart"
@@ -535,14 +534,7 @@ faults_setup() {
 }
 # After the crash: node 1 restarted, the group falls back by itself.
 restart_node1_for_auto_fallback() {
-    local pid
-    pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
-    if [ -n "$pid" ]; then
-        kill -9 "$pid" 2>/dev/null || true
-        wait_exit "$pid" 50 || true
-    fi
-    rm -f "$TMP/node1/prosody.pid"
-    start_prosody node1 "$NODE1_PORT"
+    restart_node1
     if wait_states "Normal / Normal"; then
         echo "PASS kill-auto-fallback-after-restart" | tee -a "$OUT"
     else

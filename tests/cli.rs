@@ -119,16 +119,8 @@ async fn sigterm_drains_with_system_shutdown() {
     .await
     .unwrap();
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "[limits]\nshutdown_grace = \"5s\"\n",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let p = write_config(certs.dir.path(), &text);
-    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
-    let addr = proxy.wait_addr("listening");
+    let (mut proxy, addr, _) =
+        ProxyProcess::in_front_of(&pair, &certs, "[limits]\nshutdown_grace = \"5s\"\n");
     let child = &mut proxy.child;
     let rx = &proxy.lines;
     let tls = prg_proxy::sim::ClientTls::StartTls {

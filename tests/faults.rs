@@ -236,17 +236,8 @@ async fn sigterm_under_load_ends_every_stream_with_a_whole_system_shutdown_and_e
     let grace = Duration::from_secs(5);
     let pair = pair_of(CLIENTS).await;
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "[limits]\nshutdown_grace = \"5s\"\n",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let path = certs.dir.path().join("proxy.toml");
-    std::fs::write(&path, &text).unwrap();
-    let mut proxy = ProxyProcess::spawn(&[], &path, "info");
-    let addr = proxy.wait_addr("listening");
+    let (mut proxy, addr, _) =
+        ProxyProcess::in_front_of(&pair, &certs, "[limits]\nshutdown_grace = \"5s\"\n");
 
     let stop = Arc::new(AtomicBool::new(false));
     let tls = starttls(&certs.client);
@@ -342,18 +333,8 @@ async fn a_certificate_swapped_under_load_serves_new_handshakes_and_keeps_every_
     const CLIENTS: usize = 8;
     let pair = pair_of(CLIENTS + 2).await;
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let path = certs.dir.path().join("proxy.toml");
-    std::fs::write(&path, &text).unwrap();
-    let mut proxy = ProxyProcess::spawn(&[], &path, "info");
+    let (mut proxy, addr, _) = ProxyProcess::in_front_of(&pair, &certs, "");
     let admin = proxy.wait_addr("admin API up");
-    let addr = proxy.wait_addr("listening");
 
     let stop = Arc::new(AtomicBool::new(false));
     let first_ca = certs.client.clone();
@@ -445,12 +426,7 @@ async fn silent_node() -> (SocketAddr, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn a_node_that_accepts_but_never_answers_fails_logins_in_time_and_is_marked_down() {
     let (silent, accepted) = silent_node().await;
-    let pair = SimPair::start(
-        SimNodeConfig::new("imp1", DOMAIN, users()),
-        SimNodeConfig::new("imp2", DOMAIN, users()),
-    )
-    .await
-    .unwrap();
+    let pair = pair_of(10).await;
     let certs = Certs::new();
     let text = config_text(
         &[silent, pair.nodes[1].addr()],
@@ -463,13 +439,14 @@ async fn a_node_that_accepts_but_never_answers_fails_logins_in_time_and_is_marke
     let started = Instant::now();
     let mut g = TestGroup::launch(pair, certs, &text).await;
     let homed = |n: NodeId| {
-        USERS
-            .iter()
-            .copied()
+        many_users(10)
+            .into_iter()
+            .map(|(u, _)| u)
             .find(|u| g.view.home(&format!("{u}@{DOMAIN}")) == Ok(n))
             .expect("a user of each node")
     };
     let (on1, on2) = (homed(N1), homed(N2));
+    let (on1, on2) = (on1.as_str(), on2.as_str());
 
     // Node 2's user logs in and stays.
     let mut stayer = g.login(on2, "PLAIN", "desk").await;

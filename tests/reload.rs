@@ -156,17 +156,8 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
     .await
     .unwrap();
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let p = certs.dir.path().join("proxy.toml");
-    std::fs::write(&p, &text).unwrap();
-    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
-    let addr = proxy.wait_addr("listening");
+    let (mut proxy, addr, p) = ProxyProcess::in_front_of(&pair, &certs, "");
+    let text = std::fs::read_to_string(&p).unwrap();
     let tls = prg_proxy::sim::ClientTls::StartTls {
         config: certs.client.clone(),
         server_name: DOMAIN.into(),

@@ -207,6 +207,8 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// The lines [`ProxyProcess::wait_line`] has read so far.
+    seen: std::cell::RefCell<Vec<String>>,
 }
 
 impl ProxyProcess {
@@ -227,27 +229,64 @@ impl ProxyProcess {
                 let _ = tx.send(line);
             }
         });
-        ProxyProcess { child, lines }
+        ProxyProcess {
+            child,
+            lines,
+            seen: Default::default(),
+        }
     }
 }
 
 impl ProxyProcess {
+    /// The binary in front of `pair` (balanced, STARTTLS listener only,
+    /// `extra` appended to the configuration), started once it listens:
+    /// the process, its STARTTLS address and its configuration file.
+    pub fn in_front_of(
+        pair: &SimPair,
+        certs: &Certs,
+        extra: &str,
+    ) -> (ProxyProcess, SocketAddr, std::path::PathBuf) {
+        let text = config_text(
+            &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+            "balanced",
+            certs,
+            extra,
+        )
+        .replace("direct_tls = \"127.0.0.1:0\"\n", "");
+        let path = certs.dir.path().join("proxy.toml");
+        std::fs::write(&path, &text).unwrap();
+        let proxy = ProxyProcess::spawn(&[], &path, "info");
+        let addr = proxy.wait_addr("listening");
+        (proxy, addr, path)
+    }
+
     /// The next log line containing `needle`, waiting 20 s at most.
     pub fn wait_line(&self, needle: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
+                Ok(l) => {
+                    self.seen.borrow_mut().push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
                 Err(e) => panic!("no log line with {needle:?}: {e}"),
             }
         }
     }
 
-    /// The address in the next log line containing `needle` (its `addr=`).
+    /// The address (`addr=`) in the first log line containing `needle`,
+    /// read already or waited for.
     pub fn wait_addr(&self, needle: &str) -> SocketAddr {
-        let line = self.wait_line(needle);
+        let earlier = self
+            .seen
+            .borrow()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned();
+        let line = earlier.unwrap_or_else(|| self.wait_line(needle));
         line.split("addr=")
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
