@@ -909,11 +909,7 @@ impl ClientConnection {
                 warn!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), error = %e, "node unavailable");
                 self.ctx.note_node_failure(target);
                 return Err(self
-                    .sasl_failure(
-                        &mut o.client,
-                        "temporary-auth-failure",
-                        "the user's node is not reachable; try again later",
-                    )
+                    .sasl_failure(&mut o.client, "temporary-auth-failure", &e.client_text())
                     .await);
             }
         };
