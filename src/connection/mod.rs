@@ -375,12 +375,15 @@ impl ClientConnection {
     }
 
     async fn serve(&mut self, accepted: Accepted) -> End {
-        let result = async {
+        // The login phases' state lives on the heap and is freed once the
+        // session relays: the task itself holds only what the relay needs
+        // for the rest of its (mostly idle) life.
+        let result = Box::pin(async {
             let secured = self.secure(accepted).await?;
             let opened = self.open(secured).await?;
             let relaying = self.authenticate(opened).await?;
             Ok::<_, End>(relaying)
-        }
+        })
         .await;
         match result {
             Ok(r) => self.relay(r).await,
