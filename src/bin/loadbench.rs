@@ -74,7 +74,7 @@ struct Soak {
     rate: f64,
     /// Seconds at the start and at the end whose round trips are compared.
     #[arg(long, default_value_t = 10.0)]
-    window: f64,
+    sample_window: f64,
     /// Logins per second that connect, log in and leave again (churn, so
     /// that a descriptor or memory leak per connection shows).
     #[arg(long, default_value_t = 5.0)]
@@ -610,7 +610,7 @@ impl Bench {
     }
 
     /// Idle connections plus steady chat and login churn for
-    /// `s.duration`; compares the first and the last `s.window` seconds.
+    /// `s.duration`; compares the first and the last `s.sample_window` seconds.
     async fn soak(&self, s: &Soak) -> Res<()> {
         let (proxy, addr, _) = self.start_proxy().await?;
         let n = self.c.idle;
@@ -627,7 +627,7 @@ impl Bench {
             s.duration
         );
         let start = Instant::now();
-        let window = Duration::from_secs_f64(s.window.min(s.duration / 2.0));
+        let window = Duration::from_secs_f64(s.sample_window.min(s.duration / 2.0));
         let end = start + Duration::from_secs_f64(s.duration);
         let early_until = start + window;
         let late_from = end - window;
@@ -729,7 +729,7 @@ impl Bench {
         let after = proxy.rss_kib();
         let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
         println!(
-            "SUMMARY memory: {n} idle TLS connections through the proxy (logged in and bound, set up in {took:.1?}): proxy RSS {before} KiB -> {after} KiB, {:.1} KiB per connection  [goal <= 32 KiB]",
+            "SUMMARY memory: {n} idle TLS connections through the proxy (logged in and bound, set up in {took:.1?}): proxy RSS {before} KiB -> {after} KiB, {:.1} KiB per connection  [goal <= 16 KiB]",
             per / 1024.0
         );
         drop(idle);
