@@ -5,6 +5,8 @@
 //! overhead); printed for `benches/README.md`'s memory split, with a loose
 //! bound so that a large regression shows.
 
+// Shared with the benches; only the live-bytes counter is used here.
+#[allow(dead_code)]
 #[path = "../benches/common/alloc.rs"]
 mod alloc;
 
