@@ -375,12 +375,15 @@ impl ClientConnection {
     }
 
     async fn serve(&mut self, accepted: Accepted) -> End {
-        let result = async {
+        // The login phases' state lives on the heap and is freed once the
+        // session relays: the task itself holds only what the relay needs
+        // for the rest of its (mostly idle) life.
+        let result = Box::pin(async {
             let secured = self.secure(accepted).await?;
             let opened = self.open(secured).await?;
             let relaying = self.authenticate(opened).await?;
             Ok::<_, End>(relaying)
-        }
+        })
         .await;
         match result {
             Ok(r) => self.relay(r).await,
@@ -945,10 +948,18 @@ impl ClientConnection {
             routed,
             forwarded_at,
         } = r;
+        // The forwarded <auth> was split off the buffer it was read into
+        // and would keep that whole buffer alive for the session's life.
+        let Routed {
+            id: Identified { bare, auth },
+            home,
+            target,
+        } = routed;
+        drop(auth);
         // Logged in: the user is known for the rest of the connection.
         let span = tracing::Span::current();
-        span.record("user", routed.id.bare.as_str());
-        span.record("node", self.ctx.nodes.name(routed.target));
+        span.record("user", bare.as_str());
+        span.record("node", self.ctx.nodes.name(target));
         client
             .framer
             .set_max_bytes(self.ctx.limits.max_stanza_bytes);
@@ -956,9 +967,9 @@ impl ClientConnection {
         let (handle, control) = ConnHandle::new(ctx.limits.inject_queue_bytes);
         let session = SessionInfo {
             conn: self.id,
-            user: Arc::from(routed.id.bare.as_str()),
-            home: routed.home,
-            node: routed.target,
+            user: Arc::from(bare.as_str()),
+            home,
+            node: target,
             handle,
         };
         let hooks = Hooks::new(
@@ -969,7 +980,7 @@ impl ClientConnection {
             forwarded_at,
         );
         let user = session.user.clone();
-        let target = routed.target;
+        drop(bare);
         let closing = |why: relay::Closing| -> String {
             let hints = &ctx.hints;
             match why {
@@ -1004,7 +1015,7 @@ impl ClientConnection {
         )
         .await;
         if matches!(end, End::NodeLost(_)) {
-            ctx.note_node_failure(routed.target);
+            ctx.note_node_failure(target);
         }
         end
     }
