@@ -4,6 +4,7 @@
 pub mod framer;
 pub mod peek;
 pub mod sasl;
+pub mod sm;
 pub mod stream;
 
 pub use framer::{Frame, FrameError, FrameKind, Framer};
