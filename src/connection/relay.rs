@@ -238,7 +238,10 @@ pub(super) async fn relay(
             if sm.watching() && !matches!(phase, Phase::Closing { .. }) {
                 let jid = hooks.bound_jid();
                 let (mut b, mut n) = sm.bounces(jid);
-                n += bounce_unforwarded(&mut client_framer, &client_buf, jid, &mut b);
+                let (more, read) = bounce_unforwarded(&mut client_framer, &client_buf, jid, &mut b);
+                // Bounced, so never forwarded (the framer has passed them).
+                client_buf.advance(read);
+                n += more;
                 if n > 0 {
                     p.metrics.stanzas_bounced.fetch_add(n, Ordering::Relaxed);
                     debug!(bounced = n, "unacknowledged messages bounced to the client");
@@ -582,13 +585,14 @@ pub(super) async fn relay(
 }
 
 /// Appends bounces for the client messages (not errors) complete in
-/// `buf`, read but never forwarded to the node; returns how many.
+/// `buf`, read but never forwarded to the node; returns how many, and the
+/// bytes framed (which are not to be forwarded any more).
 fn bounce_unforwarded(
     framer: &mut Framer,
     buf: &[u8],
     client_jid: Option<&str>,
     out: &mut Vec<u8>,
-) -> u64 {
+) -> (u64, usize) {
     let mut at = 0;
     let mut n = 0;
     while let Ok(Some(f)) = framer.next(&buf[at..]) {
@@ -605,7 +609,7 @@ fn bounce_unforwarded(
             n += 1;
         }
     }
-    n
+    (n, at)
 }
 
 fn queue_injections(inj: Injections, to_client: &mut Outbox, to_node: &mut Outbox, wt: Duration) {
