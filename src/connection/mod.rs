@@ -421,9 +421,11 @@ impl ClientConnection {
                     .refuse_stream(&mut plain, "policy-violation", "STARTTLS is required")
                     .await);
             }
-            if !plain.buf.is_empty() {
+            if !plain.buf.iter().all(|b| b" \t\r\n".contains(b)) {
                 // Bytes pipelined after <starttls/> would be trusted as if
                 // they came over TLS: refuse them (STARTTLS injection).
+                // Whitespace after it (a keep-alive, a newline) is no
+                // stanza and is dropped with the plain buffer.
                 return Err(self
                     .refuse_stream(&mut plain, "policy-violation", "data after <starttls/>")
                     .await);
@@ -555,6 +557,9 @@ impl ClientConnection {
         let mut node_framer = Framer::in_open_stream(limits.max_stanza_bytes)
             .with_structure_limits(limits.max_depth, limits.max_attributes);
         let node_name = self.ctx.nodes.name(routed.target);
+        // Whether the node owes the next word (the `<auth>` or a
+        // `<response>` was forwarded): a deadline then is the node's fault.
+        let mut node_turn = true;
         loop {
             // What the node said: pass it on; success and failure end the step.
             loop {
@@ -587,6 +592,7 @@ impl ClientConnection {
                     }
                 }
                 self.send(&mut o.client, &frame).await?;
+                node_turn = false;
                 let sasl = peek::contains(&frame[..f.head_end], stream::NS_SASL.as_bytes());
                 match f.name(&frame) {
                     b"success" if sasl => {
@@ -664,6 +670,7 @@ impl ClientConnection {
                 {
                     return Err(self.node_gone(o, routed.target, e).await.into());
                 }
+                node_turn = true;
             }
             o.client.buf.reserve(limits.read_buffer_bytes);
             node.buf.reserve(limits.read_buffer_bytes);
@@ -687,6 +694,15 @@ impl ClientConnection {
                     }
                 },
                 () = tokio::time::sleep_until(self.deadline) => {
+                    if node_turn {
+                        let x = stream::stream_error(
+                            "remote-connection-failed",
+                            Some(NODE_SILENT),
+                            None,
+                        );
+                        let _ = self.send(&mut o.client, x.as_bytes()).await;
+                        return Err(End::Error(ConnError::Protocol(Side::Node, NODE_SILENT.into())).into());
+                    }
                     return Err(self.pre_auth_over(&mut o.client, false).await.into());
                 }
                 _ = wait_shutdown(&mut shutdown) => {
@@ -882,11 +898,7 @@ impl ClientConnection {
                 return Ok(Connected::Moved(routed.id));
             }
             () = tokio::time::sleep_until(self.deadline) => {
-                let x = stream::stream_error(
-                    "remote-connection-failed",
-                    Some("the user's node did not answer before the login deadline"),
-                    None,
-                );
+                let x = stream::stream_error("remote-connection-failed", Some(NODE_SILENT), None);
                 let _ = self.send(&mut o.client, x.as_bytes()).await;
                 return Err(End::Error(ConnError::Timeout("connecting to the node")).into());
             }
@@ -897,11 +909,7 @@ impl ClientConnection {
                 warn!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), error = %e, "node unavailable");
                 self.ctx.note_node_failure(target);
                 return Err(self
-                    .sasl_failure(
-                        &mut o.client,
-                        "temporary-auth-failure",
-                        "the user's node is not reachable; try again later",
-                    )
+                    .sasl_failure(&mut o.client, "temporary-auth-failure", &e.client_text())
                     .await);
             }
         };
@@ -1228,6 +1236,9 @@ pub(crate) fn node_frame_error_text(e: &FrameError) -> String {
         }
     }
 }
+
+/// The text of the stream error when the user's node did not answer in time.
+const NODE_SILENT: &str = "the user's node did not answer before the login deadline";
 
 fn stream_id() -> String {
     use rand::Rng;
