@@ -231,6 +231,8 @@ RELOGIN_USERS="u00 u01 u02 u03 u04 u05 u06 u07"
 # Users of the faults phase: chatting pairs assigned to node 1 and to node 2.
 FAULT_NODE1_USERS="f10 f11 f12 f13"
 FAULT_NODE2_USERS="f20 f21 f22 f23"
+# Users of the stream management phase.
+SM_USERS="smsender smreceiver"
 
 start_prosody() {
     local name=$1 port=$2 dir="$TMP/$1"
@@ -240,7 +242,7 @@ start_prosody() {
         "$HERE/prosody.cfg.lua.in" >"$dir/prosody.cfg.lua"
     chown -R prosody: "$dir"
     local u
-    for u in alice bob carol $RELOGIN_USERS $FAULT_NODE1_USERS $FAULT_NODE2_USERS; do
+    for u in alice bob carol $RELOGIN_USERS $FAULT_NODE1_USERS $FAULT_NODE2_USERS $SM_USERS; do
         prosodyctl --config "$dir/prosody.cfg.lua" register "$u" example.com pw >>"$dir/stderr.log" 2>&1 ||
             die "prosodyctl register $u on $name failed (see $dir/stderr.log)"
     done
@@ -503,6 +505,17 @@ relogin_phase() {
         tee -a "$OUT"
     set -e
 }
+# Stream management across a crash: a sender chats to a receiver, both
+# relayed to node 1 with XEP-0198 on, node 1 is SIGKILLed mid-chat; every
+# message must be delivered or bounced to its sender (lost = 0).
+sm_phase() {
+    set +e
+    "$PY" "$HERE/sm_failover.py" --port "$STARTTLS_PORT" --domain example.com \
+        ${CA:+--ca "$CA"} --timeout "$CHECK_TIMEOUT" \
+        --node1-pidfile "$TMP/node1/prosody.pid" --node2-log "$TMP/node2/prosody.log" \
+        --admin "http://127.0.0.1:$ADMIN_PORT" | tee -a "$OUT"
+    set -e
+}
 # Faults while clients chat: four users of node 1 and four of node 2
 # (assignment file) chat in pairs while node 1 is SIGKILLed, restarted
 # (the group falls back by itself: auto_fallback after 3 s), then
@@ -551,6 +564,10 @@ if [ "$MODE" = proxy ]; then
     PROXY_EXTRA=$'\n[failover]\nwindow = "fixed"'
     restart_node1_and_proxy
     relogin_phase
+    NODE2_EXTRA=""
+    PROXY_EXTRA=""
+    restart_node1_and_proxy
+    sm_phase
     faults_setup
     faults_phase KILL
     restart_node1_for_auto_fallback

@@ -546,6 +546,12 @@ pub struct LimitsConfig {
     /// Bytes that may wait to be injected into one client stream (replayed
     /// stanzas); further injections are refused.
     pub inject_queue_bytes: usize,
+    /// With stream management (XEP-0198) on, the client messages one
+    /// stream retains until the node acknowledges them (to bounce them if
+    /// the node never does); beyond it they are not retained.
+    pub sm_max_unacked_stanzas: usize,
+    /// The bytes of those messages one stream retains.
+    pub sm_max_unacked_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -569,6 +575,8 @@ impl Default for LimitsConfig {
             auth_fail_window: Duration::from_secs(60),
             auth_ban_time: Duration::from_secs(600),
             inject_queue_bytes: 524_288,
+            sm_max_unacked_stanzas: 500,
+            sm_max_unacked_bytes: 1_048_576,
         }
     }
 }
@@ -1127,6 +1135,18 @@ impl LimitsConfig {
             return Err(ConfigError::new(
                 "limits.inject_queue_bytes",
                 "must be at least limits.max_stanza_bytes, or one stanza may never fit",
+            ));
+        }
+        if self.sm_max_unacked_bytes < self.max_stanza_bytes {
+            return Err(ConfigError::new(
+                "limits.sm_max_unacked_bytes",
+                "must be at least limits.max_stanza_bytes, or one message may never be retained",
+            ));
+        }
+        if self.sm_max_unacked_stanzas == 0 {
+            return Err(ConfigError::new(
+                "limits.sm_max_unacked_stanzas",
+                "must be at least 1",
             ));
         }
         if self.read_buffer_bytes < 512 {

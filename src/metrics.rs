@@ -41,4 +41,12 @@ pub struct Metrics {
     pub fast_detections: AtomicU64,
     /// Streams closed because their user's home moved.
     pub group_evictions: AtomicU64,
+    /// Client `<message>` stanzas the node never acknowledged (XEP-0198),
+    /// bounced back to their sender as `<recipient-unavailable/>` when the
+    /// stream ended.
+    pub stanzas_bounced: AtomicU64,
+    /// Unacknowledged client messages not retained for a bounce because the
+    /// stream was over `limits.sm_max_unacked_stanzas` or
+    /// `limits.sm_max_unacked_bytes`.
+    pub sm_unretained: AtomicU64,
 }

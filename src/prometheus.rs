@@ -15,6 +15,7 @@
 //! | `logins_routed_total`, `logins_rerouted_total`, `logins_completed_total` | counter | –, –, `node` |
 //! | `node_failures_total`, `fast_detections_total`, `write_timeouts_total` | counter | |
 //! | `group_transitions_total`, `group_moves_total`, `group_evictions_total` | counter | |
+//! | `stanzas_bounced_total`, `sm_unretained_total` | counter | |
 //! | `hints_issued_total` | counter | |
 //! | `pacer_admitted_total`, `pacer_held_total`, `pacer_refused_total`, `pacer_held_seconds_total` | counter | |
 //! | `pacer_rate`, `pacer_waiting` | gauge | `node` |
@@ -182,6 +183,18 @@ pub fn render(view: &ProxyView) -> String {
         "group_evictions",
         "Streams closed because their user's home moved",
         load(&m.group_evictions),
+    );
+    counter(
+        r,
+        "stanzas_bounced",
+        "Client messages the node never acknowledged (XEP-0198), bounced to their sender",
+        load(&m.stanzas_bounced),
+    );
+    counter(
+        r,
+        "sm_unretained",
+        "Unacknowledged client messages over limits.sm_max_unacked_*, not retained for a bounce",
+        load(&m.sm_unretained),
     );
     counter(
         r,

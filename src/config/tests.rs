@@ -115,6 +115,10 @@ fn limits_are_checked() {
     assert_eq!(e.key, "limits.max_stanza_bytes");
     let e = with(|c| c.limits.max_connections = 0).unwrap_err();
     assert_eq!(e.key, "limits.max_connections");
+    let e = with(|c| c.limits.sm_max_unacked_bytes = 1000).unwrap_err();
+    assert_eq!(e.key, "limits.sm_max_unacked_bytes");
+    let e = with(|c| c.limits.sm_max_unacked_stanzas = 0).unwrap_err();
+    assert_eq!(e.key, "limits.sm_max_unacked_stanzas");
     let e = with(|c| {
         c.listen.starttls = None;
         c.listen.direct_tls = None

@@ -97,9 +97,15 @@ impl Hooks {
                 tracker,
                 session: session.clone(),
                 bound: false,
+                full_jid: None,
             },
             others: factories.iter().map(|f| f.hook(session)).collect(),
         }
+    }
+
+    /// The full JID the node bound for this session, once it has.
+    pub fn bound_jid(&self) -> Option<&str> {
+        self.tracker.full_jid.as_deref()
     }
 
     /// Shows a client stanza to every hook.
@@ -162,6 +168,9 @@ pub struct TrackerHook {
     tracker: Arc<Tracker>,
     session: SessionInfo,
     bound: bool,
+    /// The bound full JID, as the node wrote it (the address of the
+    /// client's error bounces).
+    full_jid: Option<String>,
 }
 
 impl StanzaHook for TrackerHook {
@@ -179,6 +188,7 @@ impl StanzaHook for TrackerHook {
             return;
         };
         self.bound = true;
+        self.full_jid = Some(full.clone());
         // Track under the normalised bare JID, whatever case the node
         // echoed, so that one user has one entry.
         let bare = match jid::normalize_full_to_bare(&full) {

@@ -1011,6 +1011,10 @@ impl ClientConnection {
                 read_size: limits.read_buffer_bytes,
                 write_timeout: limits.write_timeout,
                 close_wait: limits.close_wait,
+                sm: crate::xmpp::sm::SmLimits {
+                    max_unacked_stanzas: limits.sm_max_unacked_stanzas,
+                    max_unacked_bytes: limits.sm_max_unacked_bytes,
+                },
             },
         )
         .await;

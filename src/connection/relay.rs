@@ -18,6 +18,13 @@
 //! shutdown, either side closing or failing) it stops reading, finishes the
 //! queued whole stanzas and the closing bytes on both sides, and closes the
 //! client, all within one more write deadline.
+//!
+//! With stream management (XEP-0198) on, a [`StreamAccount`] follows the
+//! client's stanzas and the node's `<a/>`; when the node side dies or the
+//! proxy ends the stream (eviction, shutdown), every client `<message>` the
+//! node never acknowledged, and every one read but not yet forwarded, goes
+//! back to the client as a `<recipient-unavailable/>` error before the
+//! closing stream error. The proxy never answers `<r/>` nor sends `<a/>`.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -39,6 +46,7 @@ use crate::control::{Control, ControlReceiver, DoneToken};
 use crate::metrics::Metrics;
 use crate::upstream::BoxStream;
 use crate::xmpp::framer::{FrameError, FrameKind, Framer};
+use crate::xmpp::sm::{self, Retained, SmLimits, StreamAccount};
 use crate::xmpp::stream;
 
 const CLOSE_STREAM: &[u8] = b"</stream:stream>";
@@ -52,6 +60,8 @@ pub(super) struct RelayParams<'a> {
     pub(super) read_size: usize,
     pub(super) write_timeout: Duration,
     pub(super) close_wait: Duration,
+    /// What one stream retains for XEP-0198 bounces.
+    pub(super) sm: SmLimits,
 }
 
 /// Why the relay itself ends a client stream.
@@ -228,6 +238,28 @@ pub(super) async fn relay(
     let mut client_reading = true;
     let mut node_reading = true;
     let wt = p.write_timeout;
+    let mut sm = StreamAccount::new(p.sm);
+    let mut sm_warned = false;
+
+    // Bounces the client's unacknowledged messages (stream management on)
+    // before the stream is closed: the node side is gone or being left.
+    macro_rules! bounce {
+        () => {{
+            if sm.watching() && !matches!(phase, Phase::Closing { .. }) {
+                let jid = hooks.bound_jid();
+                let (mut b, mut n) = sm.bounces(jid);
+                let (more, read) = bounce_unforwarded(&mut client_framer, &client_buf, jid, &mut b);
+                // Bounced, so never forwarded (the framer has passed them).
+                client_buf.advance(read);
+                n += more;
+                if n > 0 {
+                    p.metrics.stanzas_bounced.fetch_add(n, Ordering::Relaxed);
+                    debug!(bounced = n, "unacknowledged messages bounced to the client");
+                    to_client.push(Bytes::from(b), wt);
+                }
+            }
+        }};
+    }
 
     // Begins closing: stop reading, queue the closing bytes.
     macro_rules! close {
@@ -257,15 +289,32 @@ pub(super) async fn relay(
         // empty: one batch in flight per direction is the backpressure).
         if client_reading && !to_node.pending() && !client_buf.is_empty() {
             let mut inj = Injections::default();
+            let mut unretained = 0u64;
             match scan(&mut client_framer, &client_buf, |frame, f| {
                 // TLS is the proxy's: a second <starttls/> is its to answer.
                 if f.name(frame) == b"starttls" {
                     return false;
                 }
                 hooks.client_stanza(frame, f, &mut inj);
+                if sm.client_frame(frame, f) == Retained::OverLimit {
+                    unretained += 1;
+                }
                 true
             }) {
                 Ok(b) => {
+                    if unretained > 0 {
+                        p.metrics
+                            .sm_unretained
+                            .fetch_add(unretained, Ordering::Relaxed);
+                        if !sm_warned {
+                            sm_warned = true;
+                            warn!(
+                                retained = sm.retained(),
+                                bytes = sm.retained_bytes(),
+                                "the node leaves more client messages unacknowledged than limits.sm_max_unacked_stanzas / limits.sm_max_unacked_bytes: those beyond are not retained and cannot be bounced"
+                            );
+                        }
+                    }
                     if b.ready > 0 {
                         p.metrics
                             .bytes_up
@@ -308,6 +357,7 @@ pub(super) async fn relay(
         if node_reading && !to_client.pending() && !node_buf.is_empty() {
             let mut inj = Injections::default();
             let mut features: Option<Vec<u8>> = None;
+            let mut node_error = false;
             match scan(&mut node_framer, &node_buf, |frame, f| {
                 // The proxy owns the client's TLS: the node's STARTTLS
                 // offer is taken out of its features.
@@ -316,6 +366,15 @@ pub(super) async fn relay(
                         features = Some(rewritten);
                         return false;
                     }
+                }
+                if sm.watching() {
+                    // The node ends the stream: what it did not acknowledge
+                    // is bounced before its error.
+                    if f.name(frame) == b"stream:error" {
+                        node_error = true;
+                        return false;
+                    }
+                    sm.node_frame(frame, f);
                 }
                 hooks.node_stanza(frame, f, &mut inj);
                 inj.close.is_none()
@@ -336,6 +395,12 @@ pub(super) async fn relay(
                         node_buf.advance(len);
                         release_if_drained(&mut node_buf);
                         to_client.push(Bytes::from(rewritten), wt);
+                        continue;
+                    }
+                    if let (Some(len), true) = (b.stopped, node_error) {
+                        queue_injections(inj, &mut to_client, &mut to_node, wt);
+                        bounce!();
+                        to_client.push(node_buf.split_to(len).freeze(), wt);
                         continue;
                     }
                     if b.stopped.is_some() {
@@ -361,6 +426,7 @@ pub(super) async fn relay(
                         Some(&super::node_frame_error_text(&e)),
                         None,
                     );
+                    bounce!();
                     close!(
                         End::Error(ConnError::NodeXml(e)),
                         to_client: Some(Bytes::from(xml)),
@@ -396,6 +462,7 @@ pub(super) async fn relay(
                 match sig {
                     Signal::Control(Control::Evict(e)) => {
                         evict_token = e.done;
+                        bounce!();
                         close!(
                             End::Evicted,
                             to_client: Some(Bytes::from(e.xml)),
@@ -406,6 +473,7 @@ pub(super) async fn relay(
                     Signal::Control(Control::ToNode(b)) => to_node.push(b, wt),
                     Signal::Shutdown => {
                         let xml = (p.closing)(Closing::Shutdown);
+                        bounce!();
                         close!(
                             End::Shutdown,
                             to_client: Some(Bytes::from(xml)),
@@ -429,6 +497,7 @@ pub(super) async fn relay(
                     // The node is gone mid-write: tell the client.
                     let xml = (p.closing)(Closing::NodeLost);
                     to_node.abandon();
+                    bounce!();
                     close!(
                         End::Error(ConnError::io(Side::Node, "write", e)),
                         to_client: Some(Bytes::from(xml)),
@@ -465,6 +534,7 @@ pub(super) async fn relay(
                 }
                 Ok(0) => {
                     let xml = (p.closing)(Closing::NodeLost);
+                    bounce!();
                     close!(
                         End::NodeLost(ConnError::Protocol(Side::Node, "the node closed the connection".into())),
                         to_client: Some(Bytes::from(xml)),
@@ -474,6 +544,7 @@ pub(super) async fn relay(
                 Ok(_) => {}
                 Err(e) => {
                     let xml = (p.closing)(Closing::NodeLost);
+                    bounce!();
                     close!(
                         End::NodeLost(ConnError::io(Side::Node, "read", e)),
                         to_client: Some(Bytes::from(xml)),
@@ -497,6 +568,7 @@ pub(super) async fn relay(
                     }
                     let xml = (p.closing)(Closing::NodeStalled);
                     to_node.abandon();
+                    bounce!();
                     close!(
                         End::Error(ConnError::WriteTimeout { side: Side::Node, after: wt }),
                         to_client: Some(Bytes::from(xml)),
@@ -598,6 +670,34 @@ async fn read_into<R: AsyncRead + Unpin>(
         })
     })
     .await
+}
+
+/// Appends bounces for the client messages (not errors) complete in
+/// `buf`, read but never forwarded to the node; returns how many, and the
+/// bytes framed (which are not to be forwarded any more).
+fn bounce_unforwarded(
+    framer: &mut Framer,
+    buf: &[u8],
+    client_jid: Option<&str>,
+    out: &mut Vec<u8>,
+) -> (u64, usize) {
+    let mut at = 0;
+    let mut n = 0;
+    while let Ok(Some(f)) = framer.next(&buf[at..]) {
+        let frame = &buf[at..at + f.len];
+        at += f.len;
+        if f.kind == FrameKind::Close {
+            break;
+        }
+        if f.kind == FrameKind::Stanza
+            && f.name(frame) == b"message"
+            && crate::xmpp::peek::attr(&frame[..f.head_end], b"type") != Some(b"error")
+        {
+            sm::bounce_into(out, frame, client_jid);
+            n += 1;
+        }
+    }
+    (n, at)
 }
 
 fn queue_injections(inj: Injections, to_client: &mut Outbox, to_node: &mut Outbox, wt: Duration) {

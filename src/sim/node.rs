@@ -48,7 +48,13 @@
 //!   that serves the target (the watcher's node while the target is offline)
 //!   and are lost — without telling the watcher — when that node is killed,
 //!   when the target binds on the other node (a move), or when the
-//!   watcher's session ends: the defect the proxy repairs.
+//!   watcher's session ends: the defect the proxy repairs;
+//! * stream management (XEP-0198), minimally: `<sm/>` is offered after
+//!   login; `<enable/>` after bind is answered `<enabled/>` (no resumption)
+//!   and from then on the messages, presences and iqs the node handled are
+//!   counted; `<r/>` is answered `<a h=…/>`; a `<resume/>` gets `<failed/>`
+//!   with `<item-not-found/>`, as Prosody answers an id it does not know.
+//!   The node never sends `<r/>` itself.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -86,6 +92,7 @@ const NS_PING: &str = "urn:xmpp:ping";
 const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const NS_SM: &str = "urn:xmpp:sm:3";
 const NS_CAPS: &str = "http://jabber.org/protocol/caps";
 const NS_PUBSUB_EVENT: &str = "http://jabber.org/protocol/pubsub#event";
 /// The pubsub node of temporary presence pushes.
@@ -1171,6 +1178,8 @@ struct Conn {
     rx: Option<mpsc::UnboundedReceiver<Out>>,
     /// The login in progress, if any.
     login: Option<LoginTrack>,
+    /// Stanzas handled since the client enabled stream management.
+    sm_handled: Option<u32>,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<Out>>) -> Option<Out> {
@@ -1250,6 +1259,7 @@ impl Conn {
             sess: None,
             rx: None,
             login: None,
+            sm_handled: None,
         }
     }
 
@@ -1543,7 +1553,7 @@ impl Conn {
                 f.push_str("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
             }
             f.push_str(
-                "<ver xmlns='urn:xmpp:features:rosterver'/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><required/></bind><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>",
+                "<ver xmlns='urn:xmpp:features:rosterver'/><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><required/></bind><session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session><sm xmlns='urn:xmpp:sm:3'/>",
             );
         }
         f.push_str("</stream:features>");
@@ -1603,6 +1613,9 @@ impl Conn {
                 _ => Err(self.fail("unsupported-stanza-type").await),
             };
         }
+        if el.ns() == Some(NS_SM) {
+            return self.on_sm(name).await;
+        }
         let Some(sess) = self.sess.clone() else {
             // Authenticated, not bound: only bind and session iqs.
             if name == "iq" && el.attr("type") == Some("set") {
@@ -1639,6 +1652,33 @@ impl Conn {
             "iq" => self.on_iq(&sess, &el, &raw),
             _ => return Err(self.fail("unsupported-stanza-type").await),
         }
+        if let Some(h) = &mut self.sm_handled {
+            *h = h.wrapping_add(1);
+        }
+        Ok(())
+    }
+
+    /// A stream management element from an authenticated client.
+    async fn on_sm(&mut self, name: &str) -> Result<(), Exit> {
+        let out: String = match name {
+            "enable" if self.sess.is_some() && self.sm_handled.is_none() => {
+                self.sm_handled = Some(0);
+                format!("<enabled xmlns='{NS_SM}'/>")
+            }
+            "enable" => format!(
+                "<failed xmlns='{NS_SM}'><unexpected-request xmlns='{NS_STANZAS}'/></failed>"
+            ),
+            "resume" => {
+                format!("<failed xmlns='{NS_SM}'><item-not-found xmlns='{NS_STANZAS}'/></failed>")
+            }
+            "r" => match self.sm_handled {
+                Some(h) => format!("<a xmlns='{NS_SM}' h='{h}'/>"),
+                None => return Err(self.fail("unsupported-stanza-type").await),
+            },
+            "a" => return Ok(()),
+            _ => return Err(self.fail("unsupported-stanza-type").await),
+        };
+        self.out.extend_from_slice(out.as_bytes());
         Ok(())
     }
 

@@ -7,6 +7,7 @@ pub mod peek;
 #[cfg(feature = "sim")]
 pub mod props;
 pub mod sasl;
+pub mod sm;
 pub mod stream;
 
 pub use framer::{Frame, FrameError, FrameKind, Framer};
