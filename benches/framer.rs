@@ -212,53 +212,71 @@ fn check_entities(s: &[u8]) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// A quick-xml loop that checks what the framer checks: end-tag names
-/// matched (quick-xml's `check_end_names`), UTF-8 and control characters
-/// in every event, attributes parsed and their values' and the text's
-/// entity references checked, and restricted XML (no DOCTYPE, comment or
-/// processing instruction; the XML declaration only before the header).
+/// A quick-xml loop that checks what the framer checks, the way the framer
+/// checks it: end-tag names matched (quick-xml's `check_end_names`),
+/// attributes parsed, restricted XML (no DOCTYPE, comment or processing
+/// instruction; the XML declaration only before the header), and once per
+/// top-level element (one pass each over its bytes, as the framer does):
+/// UTF-8, control characters and every entity reference.
 fn count_quick_xml_validating(bytes: &[u8]) -> Result<usize, Invalid> {
     let mut r = quick_xml::Reader::from_reader(bytes);
     r.config_mut().check_end_names = true;
     let mut depth = 0u32;
     let mut n = 0;
     let mut started = false;
+    // Where the current top-level element (or the header) began.
+    let mut start = 0usize;
     loop {
-        match r.read_event().map_err(|_| Invalid::Xml)? {
+        let before = r.buffer_position() as usize;
+        let ev = r.read_event().map_err(|_| Invalid::Xml)?;
+        let at = r.buffer_position() as usize;
+        match ev {
             Event::Start(e) => {
-                check_chars(&e)?;
                 for a in e.attributes().with_checks(false) {
-                    check_entities(&a.map_err(|_| Invalid::Xml)?.value)?;
+                    a.map_err(|_| Invalid::Xml)?;
+                }
+                if depth <= 1 {
+                    start = before;
                 }
                 depth += 1;
+                if depth == 1 {
+                    // The stream header is a frame of its own.
+                    let head = &bytes[..at];
+                    check_chars(head)?;
+                    check_entities(head)?;
+                }
                 started = true;
             }
             Event::Empty(e) => {
-                check_chars(&e)?;
                 for a in e.attributes().with_checks(false) {
-                    check_entities(&a.map_err(|_| Invalid::Xml)?.value)?;
+                    a.map_err(|_| Invalid::Xml)?;
                 }
                 if depth == 1 {
+                    let frame = &bytes[before..at];
+                    check_chars(frame)?;
+                    check_entities(frame)?;
                     n += 1;
                 }
             }
-            Event::End(e) => {
-                check_chars(&e)?;
+            Event::End(_) => {
                 depth -= 1;
                 if depth == 1 {
+                    let frame = &bytes[start..at];
+                    check_chars(frame)?;
+                    check_entities(frame)?;
                     n += 1;
                 }
             }
-            Event::Text(e) => {
-                check_chars(&e)?;
-                check_entities(&e)?;
-            }
-            Event::CData(e) => check_chars(&e)?,
+            Event::Text(_) | Event::CData(_) => {}
             Event::Decl(_) if !started => {}
             Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) => {
                 return Err(Invalid::Restricted)
             }
-            Event::Eof => return Ok(n),
+            Event::Eof => {
+                // What is left unframed (an open element) is checked too.
+                check_chars(&bytes[start.min(at)..at])?;
+                return Ok(n);
+            }
         }
     }
 }
