@@ -15,11 +15,12 @@
 //! retired, and a reader that finds its table retired reads again in the
 //! new one, so nobody answers from a table that writers have left.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use parking_lot::{Mutex, MutexGuard};
 
 use super::ConnId;
@@ -170,17 +171,37 @@ pub(super) struct Writer {
 
 /// One shard of the user table.
 pub(super) struct Shard {
-    table: ArcSwap<Table>,
+    /// Unique among all shards of all trackers (keys the readers' caches).
+    id: u64,
+    table: Arc<ArcSwap<Table>>,
     writer: Mutex<Writer>,
 }
+
+static NEXT_SHARD: AtomicU64 = AtomicU64::new(0);
 
 impl Default for Shard {
     fn default() -> Self {
         Shard {
-            table: ArcSwap::from_pointee(Table::with_capacity(MIN_CAP)),
+            id: NEXT_SHARD.fetch_add(1, Ordering::Relaxed),
+            table: Arc::new(ArcSwap::from_pointee(Table::with_capacity(MIN_CAP))),
             writer: Mutex::new(Writer::default()),
         }
     }
+}
+
+/// Per-thread cached tables, by shard id modulo the size: a reader finds
+/// its shard's table with one plain load of the shard's pointer (no
+/// read-modify-write, no fence: `ArcSwap::load` takes a `SeqCst` debt slot,
+/// which keeps the misses of a batch of reads from overlapping). A cached
+/// table is released when the thread next reads that shard, or the slot is
+/// taken by another shard.
+const CACHED: usize = 256;
+
+type TableCache = Cache<Arc<ArcSwap<Table>>, Arc<Table>>;
+
+thread_local! {
+    static TABLES: RefCell<Vec<Option<(u64, TableCache)>>> =
+        RefCell::new((0..CACHED).map(|_| None).collect());
 }
 
 /// Reads `s` consistently: (hash, packed meta, key words).
@@ -224,13 +245,36 @@ impl Shard {
     #[inline]
     pub(super) fn read(&self, p: &Probe) -> Read {
         loop {
-            let t = self.table.load();
-            let r = Self::read_in(&t, p);
+            let (r, retired) = self.with_table(|t| {
+                let r = Self::read_in(t, p);
+                (r, t.retired.load(Ordering::Acquire))
+            });
             // A table writers have left may be behind the current one.
-            if !t.retired.load(Ordering::Acquire) {
+            if !retired {
                 return r;
             }
         }
+    }
+
+    /// Runs `f` on the shard's current table, from this thread's cache.
+    #[inline]
+    fn with_table<R>(&self, f: impl Fn(&Table) -> R) -> R {
+        TABLES
+            .try_with(|c| {
+                let mut c = c.borrow_mut();
+                let e = &mut c[(self.id % CACHED as u64) as usize];
+                if !matches!(e, Some((id, _)) if *id == self.id) {
+                    *e = Some((self.id, Cache::new(self.table.clone())));
+                }
+                match e {
+                    Some((_, cache)) => Some(f(cache.load())),
+                    None => None,
+                }
+            })
+            .ok()
+            .flatten()
+            // Only while the thread is being torn down: no cache.
+            .unwrap_or_else(|| f(&self.table.load()))
     }
 
     #[inline]
@@ -263,8 +307,7 @@ impl Shard {
     /// `unsafe` prefetch intrinsic needed).
     #[inline]
     pub(super) fn touch(&self, p: &Probe) -> u64 {
-        let t = self.table.load();
-        t.slots[t.home(p.hash)].hash.load(Ordering::Relaxed)
+        self.with_table(|t| t.slots[t.home(p.hash)].hash.load(Ordering::Relaxed))
     }
 
     pub(super) fn lock(&self) -> Locked<'_> {
