@@ -104,7 +104,7 @@ trait Map<K, V>: Sync + Send {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized;
     /// Reads each of `keys`; `f(i, value)` for the i-th.
-    fn read_many<'k, Q>(&self, keys: &[&'k Q], mut f: impl FnMut(usize, Option<&V>))
+    fn read_many<Q>(&self, keys: &[&Q], mut f: impl FnMut(usize, Option<&V>))
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -248,7 +248,7 @@ where
     {
         self.0.pin().get(k).map(f)
     }
-    fn read_many<'k, Q>(&self, keys: &[&'k Q], mut f: impl FnMut(usize, Option<&V>))
+    fn read_many<Q>(&self, keys: &[&Q], mut f: impl FnMut(usize, Option<&V>))
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,

@@ -140,7 +140,7 @@ fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
         let Some(h) = tracker.handle_of(conn) else {
             continue;
         };
-        let bare = jid.split_once('/').map_or(&*jid, |(b, _)| b).to_owned();
+        let bare = jid.split_once('/').map_or(jid, |(b, _)| b).to_owned();
         let next = users.len();
         let i = *index.entry(bare.clone()).or_insert(next);
         if i == next {

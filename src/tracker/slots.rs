@@ -266,10 +266,7 @@ impl Shard {
                 if !matches!(e, Some((id, _)) if *id == self.id) {
                     *e = Some((self.id, Cache::new(self.table.clone())));
                 }
-                match e {
-                    Some((_, cache)) => Some(f(cache.load())),
-                    None => None,
-                }
+                e.as_mut().map(|(_, cache)| f(cache.load()))
             })
             .ok()
             .flatten()

@@ -358,7 +358,7 @@ async fn availability_follows_every_session() {
     // Bind times survive the compact storage.
     let u = t.lookup("eve@example.com").unwrap();
     assert!(u.sessions[0].bound_at <= Instant::now());
-    assert_eq!(t.handle_of(3).is_some(), true);
+    assert!(t.handle_of(3).is_some());
 }
 
 #[tokio::test]
