@@ -125,7 +125,7 @@ SUMMARY=""      # the final "<N> passed, <M> failed" line
 print_logs() {
     local f
     [ -n "$TMP" ] && [ -d "$TMP" ] || return 0
-    for f in "$TMP"/proxy.log "$TMP"/proxy2.log "$TMP"/node1/prosody.log "$TMP"/node2/prosody.log \
+    for f in "$TMP"/proxy.log "$TMP"/proxy2.log "$TMP"/proxy3.log "$TMP"/node1/prosody.log "$TMP"/node2/prosody.log \
         "$TMP"/node1/stderr.log "$TMP"/node2/stderr.log; do
         [ -s "$f" ] || continue
         echo "----- tail of $f -----" >&2
@@ -228,6 +228,9 @@ EJ=()
 
 # Users of the re-login phase (slixmpp clients moved by a crash).
 RELOGIN_USERS="u00 u01 u02 u03 u04 u05 u06 u07"
+# Users of the faults phase: chatting pairs assigned to node 1 and to node 2.
+FAULT_NODE1_USERS="f10 f11 f12 f13"
+FAULT_NODE2_USERS="f20 f21 f22 f23"
 
 start_prosody() {
     local name=$1 port=$2 dir="$TMP/$1"
@@ -237,7 +240,7 @@ start_prosody() {
         "$HERE/prosody.cfg.lua.in" >"$dir/prosody.cfg.lua"
     chown -R prosody: "$dir"
     local u
-    for u in alice bob carol $RELOGIN_USERS; do
+    for u in alice bob carol $RELOGIN_USERS $FAULT_NODE1_USERS $FAULT_NODE2_USERS; do
         prosodyctl --config "$dir/prosody.cfg.lua" register "$u" example.com pw >>"$dir/stderr.log" 2>&1 ||
             die "prosodyctl register $u on $name failed (see $dir/stderr.log)"
     done
@@ -270,8 +273,9 @@ write_proxy_config() {
 name = "interop"
 description = "two Prosody nodes on loopback"
 high_availability = true
-assignment = "active-standby"
+assignment = "${ASSIGNMENT:-active-standby}"
 domains = ["example.com"]
+${GROUP_EXTRA:-}
 
 [[nodes]]
 name = "prosody1"
@@ -444,15 +448,22 @@ wait_states() {
     done
     return 1
 }
-fallback_phase() {
-    local pid out
+# restart_node1: whatever is left of Prosody node 1 (stopped, hung or
+# dead) is killed, and a fresh one started on the same port and data.
+restart_node1() {
+    local pid
     pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
     if [ -n "$pid" ]; then
+        kill -CONT "$pid" 2>/dev/null || true
         kill -9 "$pid" 2>/dev/null || true
         wait_exit "$pid" 50 || true
     fi
     rm -f "$TMP/node1/prosody.pid"
     start_prosody node1 "$NODE1_PORT"
+}
+fallback_phase() {
+    local out
+    restart_node1
     if ! wait_states "Failed Over / Running in Backup Mode"; then
         echo "FAIL api-fallback-after-restart: node 1 never showed Failed Over (states: $(node_states))" | tee -a "$OUT"
         return
@@ -469,19 +480,13 @@ fallback_phase() {
     fi
 }
 
+# restart_node1_and_proxy [LOGFILE]: a fresh node 1 and a fresh proxy
+# (logging to LOGFILE, default proxy2.log) with the current settings.
 restart_node1_and_proxy() {
-    local pid
     kill "$PROXY_PID" 2>/dev/null || true
     wait_exit "$PROXY_PID" 100 || kill -9 "$PROXY_PID" 2>/dev/null || true
-    pid=$(cat "$TMP/node1/prosody.pid" 2>/dev/null || true)
-    if [ -n "$pid" ]; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -9 "$pid" 2>/dev/null || true
-        wait_exit "$pid" 50 || true
-    fi
-    rm -f "$TMP/node1/prosody.pid"
-    start_prosody node1 "$NODE1_PORT"
-    start_proxy "$TMP/proxy2.log"
+    restart_node1
+    start_proxy "${1:-$TMP/proxy2.log}"
     "$PY" "$HERE/clients.py" "${CLIENT_ARGS[@]}" --wait-ready 60 ||
         die "prg-proxy offers no SASL mechanisms after the restart"
 }
@@ -498,6 +503,45 @@ relogin_phase() {
         tee -a "$OUT"
     set -e
 }
+# Faults while clients chat: four users of node 1 and four of node 2
+# (assignment file) chat in pairs while node 1 is SIGKILLed, restarted
+# (the group falls back by itself: auto_fallback after 3 s), then
+# SIGSTOPped and resumed. Node 1's clients must be told with a re-login
+# hint, node 2's must chat on without an error or a lost message, the hang
+# must be seen within the heartbeat timeout, and after SIGCONT the admin
+# API must show node 1 healthy and the group back to Normal by itself.
+faults_phase() {
+    set +e
+    "$PY" "$HERE/faults.py" --port "$STARTTLS_PORT" --admin-port "$ADMIN_PORT" --domain example.com \
+        ${CA:+--ca "$CA"} --signal "$1" --timeout "$CHECK_TIMEOUT" \
+        --node1-users $FAULT_NODE1_USERS --node2-users $FAULT_NODE2_USERS \
+        --node1-pidfile "$TMP/node1/prosody.pid" --proxy-log "$TMP/proxy3.log" \
+        --heartbeat-timeout 5 --auto-fallback-after 3 | tee -a "$OUT"
+    set -e
+}
+faults_setup() {
+    local u
+    {
+        echo "[users]"
+        for u in $FAULT_NODE1_USERS; do echo "\"$u@example.com\" = \"prosody1\""; done
+        for u in $FAULT_NODE2_USERS; do echo "\"$u@example.com\" = \"prosody2\""; done
+    } >"$TMP/assignments.toml"
+    ASSIGNMENT=none
+    GROUP_EXTRA="assignment_file = \"$TMP/assignments.toml\""
+    NODE2_EXTRA=""
+    PROXY_EXTRA=$'auto_fallback = true\nauto_fallback_after = "3s"'
+    restart_node1_and_proxy "$TMP/proxy3.log"
+}
+# After the crash: node 1 restarted, the group falls back by itself.
+restart_node1_for_auto_fallback() {
+    restart_node1
+    if wait_states "Normal / Normal"; then
+        echo "PASS kill-auto-fallback-after-restart" | tee -a "$OUT"
+    else
+        echo "FAIL kill-auto-fallback-after-restart: states: $(node_states)" | tee -a "$OUT"
+    fi
+}
+
 if [ "$MODE" = proxy ]; then
     failover_phase KILL "$TMP/proxy.log"
     fallback_phase
@@ -507,6 +551,10 @@ if [ "$MODE" = proxy ]; then
     PROXY_EXTRA=$'\n[failover]\nwindow = "fixed"'
     restart_node1_and_proxy
     relogin_phase
+    faults_setup
+    faults_phase KILL
+    restart_node1_for_auto_fallback
+    faults_phase STOP
 fi
 
 # PROXY protocol v2 against a real server that reads it: ejabberd with

@@ -24,29 +24,13 @@ for a in "$@"; do
   esac
 done
 
-if [ -z "${LOADBENCH_BIN:-}" ] || [ -z "${PRG_PROXY_BIN:-}" ]; then
-  cargo build --release --bin loadbench --bin prg-proxy
-  target="${CARGO_TARGET_DIR:-target}/release"
-  LOADBENCH_BIN="$target/loadbench"
-  PRG_PROXY_BIN="$target/prg-proxy"
-fi
+# shellcheck source=scripts/bench-env.sh
+. scripts/bench-env.sh
 
 # HAProxy is a baseline: install it for a full run when missing.
 if ! command -v haproxy >/dev/null 2>&1 && [ "$install" = 1 ] && [ "$quick" = 0 ] && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy) \
     || echo "loadbench.sh: could not install haproxy; its comparison is skipped" >&2
-fi
-
-# Each idle client costs the driver two descriptors (client and node side)
-# and the proxy two (client and node); raise the limit as far as allowed.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-nofile=$(ulimit -n)
-
-# One core for the relay under test, the other for nodes and clients.
-relay_cpu=-1 driver=()
-if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then
-  relay_cpu=0
-  driver=(taskset -c 1)
 fi
 
 if [ "$quick" = 1 ]; then

@@ -505,7 +505,11 @@ pub struct LimitsConfig {
     /// Time allowed to connect to a node and read its stream features.
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
-    /// Socket read size per direction.
+    /// Socket read size per direction. A session between stanzas holds no
+    /// read buffer (its reads go through the worker thread's scratch
+    /// buffer), so this costs memory only during login and while a stanza
+    /// is split across reads; 16 KiB takes a TLS record or a node's burst
+    /// in one read.
     pub read_buffer_bytes: usize,
     /// Grace period for connections to drain on shutdown.
     #[serde(with = "humantime_serde")]
@@ -553,7 +557,7 @@ impl Default for LimitsConfig {
             pre_auth_timeout: Duration::from_secs(30),
             max_stanza_bytes: 262_144,
             upstream_connect_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 8192,
+            read_buffer_bytes: 16384,
             shutdown_grace: Duration::from_secs(10),
             write_timeout: Duration::from_secs(15),
             close_wait: Duration::from_secs(5),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore, TryAcquireError};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::connection::{refuse_over_capacity, Accepted, ClientConnection, ConnContext};
@@ -301,6 +301,7 @@ async fn accept_loop(
     let refusing = Arc::new(Semaphore::new(
         ctx.load().limits.over_capacity_refusals.max(1),
     ));
+    let mut sized = false;
     loop {
         let (tcp, peer): (TcpStream, SocketAddr) = match listener.accept().await {
             Ok(x) => {
@@ -351,9 +352,15 @@ async fn accept_loop(
             peer,
             direct_tls: direct,
         };
-        tokio::spawn(async move {
+        let task = async move {
             conn.run(accepted).await;
             drop(permit);
-        });
+        };
+        if !sized {
+            // What every connection's task holds for its whole life.
+            debug!(bytes = std::mem::size_of_val(&task), "connection task size");
+            sized = true;
+        }
+        tokio::spawn(task);
     }
 }

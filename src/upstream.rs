@@ -76,6 +76,28 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// What a client whose login this failure stopped is told (the
+    /// `<text/>` of its SASL failure): what happened, without the node's
+    /// name or address.
+    pub fn client_text(&self) -> String {
+        match self {
+            UpstreamError::Timeout { after, .. } => format!(
+                "the user's node did not answer within {}; try again later",
+                humantime::format_duration(*after)
+            ),
+            UpstreamError::Protocol { .. } => {
+                "the user's node did not open an XMPP stream; try again later".into()
+            }
+            UpstreamError::Resolve { .. }
+            | UpstreamError::Connect { .. }
+            | UpstreamError::Tls { .. } => {
+                "the user's node is not reachable; try again later".into()
+            }
+        }
+    }
+}
+
 /// How to find a node.
 #[derive(Debug, Clone)]
 enum Target {

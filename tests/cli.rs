@@ -119,37 +119,10 @@ async fn sigterm_drains_with_system_shutdown() {
     .await
     .unwrap();
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "[limits]\nshutdown_grace = \"5s\"\n",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let p = write_config(certs.dir.path(), &text);
-    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
+    let (mut proxy, addr, _) =
+        ProxyProcess::in_front_of(&pair, &certs, "[limits]\nshutdown_grace = \"5s\"\n");
     let child = &mut proxy.child;
     let rx = &proxy.lines;
-    // The log says where it listens.
-    let addr = loop {
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => l,
-            Err(e) => panic!(
-                "no listener in the log ({e}); proxy: {:?}",
-                child.try_wait()
-            ),
-        };
-        if let Some(rest) = line.split("addr=").nth(1) {
-            if line.contains("listening") {
-                break rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse::<std::net::SocketAddr>()
-                    .unwrap();
-            }
-        }
-    };
     let tls = prg_proxy::sim::ClientTls::StartTls {
         config: certs.client.clone(),
         server_name: DOMAIN.into(),

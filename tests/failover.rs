@@ -277,6 +277,35 @@ async fn silent_hang_is_detected_within_the_heartbeat_timeout() {
     g.stop().await;
 }
 
+/// Assignment mode `none`, users assigned one by one: when node 1 hangs,
+/// its user is told and moved to node 2 (a fresh login is served there);
+/// node 2's user stays. (Once, nobody assigned this way was ever moved.)
+#[tokio::test]
+async fn users_assigned_one_by_one_move_when_their_node_hangs() {
+    let mut g = Group::start(Setup {
+        mode: "none",
+        ..Setup::default()
+    })
+    .await;
+    g.normal().await;
+    g.view.add_user(&format!("alice@{DOMAIN}"), N1).unwrap();
+    g.view.add_user(&format!("dave@{DOMAIN}"), N2).unwrap();
+    let mut alice = g.login("alice").await;
+    let mut dave = g.login("dave").await;
+    assert_eq!(g.node_of("alice"), Some(N1));
+
+    g.pair.nodes[0].hang();
+    g.wait_for((S::Down, R::None), (S::RunningInBackupMode, R::PeerDown), T)
+        .await;
+    let (cond, text) = closed_with(&mut alice).await;
+    assert_eq!(cond, "system-shutdown", "{text}");
+    let _alice = g.login("alice").await;
+    assert_eq!(g.node_of("alice"), Some(N2));
+    dave.ping().await.expect("node 2's user stays");
+    g.pair.nodes[0].resume();
+    g.stop().await;
+}
+
 fn listen_on(addr: SocketAddr) -> tokio::net::TcpListener {
     let s = tokio::net::TcpSocket::new_v4().unwrap();
     s.set_reuseaddr(true).unwrap();

@@ -4,7 +4,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,27 +145,6 @@ async fn a_broken_config_is_refused_naming_the_key_and_the_old_one_stays() {
     g.stop().await;
 }
 
-fn signal(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// Waits for a log line containing `needle`.
-fn wait_log(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return l,
-            Ok(_) => {}
-            Err(e) => panic!("no log line with {needle:?}: {e}"),
-        }
-    }
-}
-
 // Multi-threaded: the test blocks a thread reading the proxy's log while
 // the simulated nodes must keep answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,25 +156,8 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
     .await
     .unwrap();
     let certs = Certs::new();
-    let text = config_text(
-        &[pair.nodes[0].addr(), pair.nodes[1].addr()],
-        "balanced",
-        &certs,
-        "",
-    )
-    .replace("direct_tls = \"127.0.0.1:0\"\n", "");
-    let p = certs.dir.path().join("proxy.toml");
-    std::fs::write(&p, &text).unwrap();
-    let mut proxy = ProxyProcess::spawn(&[], &p, "info");
-    let child = &mut proxy.child;
-    let rx = &proxy.lines;
-    let line = wait_log(rx, "listening");
-    let addr: SocketAddr = line
-        .split("addr=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let (mut proxy, addr, p) = ProxyProcess::in_front_of(&pair, &certs, "");
+    let text = std::fs::read_to_string(&p).unwrap();
     let tls = prg_proxy::sim::ClientTls::StartTls {
         config: certs.client.clone(),
         server_name: DOMAIN.into(),
@@ -205,27 +166,25 @@ async fn sighup_reloads_the_running_binary_which_keeps_serving() {
     alice.login("alice", "pw", "PLAIN").await.unwrap();
     alice.bind("a").await.unwrap();
 
-    let pid = child.id();
-    signal(pid, "HUP");
-    wait_log(rx, "configuration reloaded");
-    signal(pid, "USR1");
-    wait_log(rx, "SIGUSR1 received: ignored");
+    proxy.signal("HUP");
+    proxy.wait_line("configuration reloaded");
+    proxy.signal("USR1");
+    proxy.wait_line("SIGUSR1 received: ignored");
     // A broken file is refused; the proxy goes on with the running one.
     std::fs::write(&p, text.replace("[tls]", "[tls")).unwrap();
-    signal(pid, "HUP");
-    wait_log(rx, "configuration reload refused");
+    proxy.signal("HUP");
+    proxy.wait_line("configuration reload refused");
 
-    assert!(child.try_wait().unwrap().is_none(), "the proxy exited");
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the proxy exited"
+    );
     alice.ping().await.unwrap();
     let mut bob = SimClient::connect(addr, DOMAIN, tls).await.unwrap();
     bob.login("bob", "pw", "PLAIN").await.unwrap();
     bob.bind("b").await.unwrap();
-    signal(pid, "TERM");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while child.try_wait().unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "proxy did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proxy.signal("TERM");
+    proxy.wait_exit(Duration::from_secs(15));
 }
 
 /// `POST /reload` on the admin API: a good file is applied (200 with what

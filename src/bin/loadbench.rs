@@ -56,6 +56,36 @@ enum Cmd {
     Logins(Common),
     /// All three.
     All(Common),
+    /// Idle TLS connections plus steady chat through the proxy for a while:
+    /// RSS, descriptors and round trips at the start and the end, pass/fail
+    /// on growth. Started by `scripts/soak.sh`.
+    Soak(Soak),
+}
+
+#[derive(Args, Clone)]
+struct Soak {
+    #[command(flatten)]
+    c: Common,
+    /// Seconds the soak runs (after the connections are set up).
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Messages per second each chatter (`--clients`) sends to itself.
+    #[arg(long, default_value_t = 5.0)]
+    rate: f64,
+    /// Seconds at the start and at the end whose round trips are compared.
+    #[arg(long, default_value_t = 10.0)]
+    sample_window: f64,
+    /// Logins per second that connect, log in and leave again (churn, so
+    /// that a descriptor or memory leak per connection shows).
+    #[arg(long, default_value_t = 5.0)]
+    churn: f64,
+    /// Largest RSS growth from the start to the end that passes, in % of the
+    /// RSS at the start.
+    #[arg(long, default_value_t = 5.0)]
+    max_rss_growth_pct: f64,
+    /// Largest growth of the proxy's open descriptors that passes.
+    #[arg(long, default_value_t = 32)]
+    max_fd_growth: i64,
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +147,7 @@ fn main() -> std::process::ExitCode {
                 b.logins().await?;
                 b.memory().await
             }
+            Cmd::Soak(s) => Bench::new(s.c.clone()).await?.soak(&s).await,
         }
     });
     match r {
@@ -169,6 +200,10 @@ impl Proc {
             .collect();
         let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
         ticks as f64 / 100.0
+    }
+
+    fn open_fds(&self) -> i64 {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(-1, |d| d.count() as i64)
     }
 
     fn rss_kib(&self) -> u64 {
@@ -231,6 +266,12 @@ impl Bench {
         let d = prg_proxy::tls::dev_certs(&[DOMAIN, "localhost"]).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("cert.pem"), &d.chain_pem).map_err(err("cert"))?;
         std::fs::write(dir.join("key.pem"), &d.key_pem).map_err(err("key"))?;
+        // HAProxy takes the chain and the key in one file.
+        std::fs::write(
+            dir.join("haproxy.pem"),
+            format!("{}{}", d.chain_pem, d.key_pem),
+        )
+        .map_err(err("haproxy pem"))?;
         let client_tls =
             prg_proxy::tls::client_config_from_der(prg_proxy::tls::certs_from_pem(&d.ca_pem))
                 .map_err(|e| e.to_string())?;
@@ -277,8 +318,10 @@ impl Bench {
         }
     }
 
-    async fn start_proxy(&self) -> Res<(Proc, SocketAddr)> {
+    /// The proxy, its STARTTLS and its direct-TLS listener.
+    async fn start_proxy(&self) -> Res<(Proc, SocketAddr, SocketAddr)> {
         let addr = free_port()?;
+        let direct = free_port()?;
         let nodes = [
             self.plain_pair.nodes[0].addr(),
             self.plain_pair.nodes[1].addr(),
@@ -287,7 +330,7 @@ impl Bench {
         let text = format!(
             "[group]\nname = \"bench\"\nassignment = \"active-standby\"\ndomains = [\"{DOMAIN}\"]\n\n\
              [[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n[[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n\n\
-             [admin]\nenabled = false\n\n[listen]\nstarttls = \"{addr}\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
+             [admin]\nenabled = false\n\n[listen]\nstarttls = \"{addr}\"\ndirect_tls = \"{direct}\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n\
              [limits]\nmax_connections = 60000\n",
             nodes[0], nodes[1]
         );
@@ -307,9 +350,10 @@ impl Bench {
             child,
         };
         wait_listening(addr).await?;
+        wait_listening(direct).await?;
         // The proxy learns the nodes' mechanisms from its first probes.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        Ok((p, addr))
+        Ok((p, addr, direct))
     }
 
     async fn start_relay(&self, to: SocketAddr) -> Res<(Proc, SocketAddr)> {
@@ -333,7 +377,9 @@ impl Bench {
         Ok((p, addr))
     }
 
-    async fn start_haproxy(&self, to: SocketAddr) -> Res<Option<(Proc, SocketAddr)>> {
+    /// HAProxy in TCP mode towards `to`; with `tls`, it terminates the
+    /// clients' TLS itself (`bind … ssl crt`), as the proxy does.
+    async fn start_haproxy(&self, to: SocketAddr, tls: bool) -> Res<Option<(Proc, SocketAddr)>> {
         let found = Command::new(&self.c.haproxy)
             .arg("-v")
             .stdout(Stdio::null())
@@ -348,10 +394,17 @@ impl Bench {
             return Ok(None);
         }
         let addr = free_port()?;
-        let cfg = self.dir.join("haproxy.cfg");
+        let ssl = if tls {
+            format!(" ssl crt {}", self.dir.join("haproxy.pem").display())
+        } else {
+            String::new()
+        };
+        let cfg = self
+            .dir
+            .join(format!("haproxy-{}.cfg", if tls { "tls" } else { "tcp" }));
         let text = format!(
             "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-             timeout client 120s\n  timeout server 120s\n\nfrontend xmpp\n  bind {addr}\n  \
+             timeout client 120s\n  timeout server 120s\n\nfrontend xmpp\n  bind {addr}{ssl}\n  \
              default_backend node\n\nbackend node\n  server imp1 {to}\n"
         );
         std::fs::write(&cfg, text).map_err(err("haproxy config"))?;
@@ -381,49 +434,69 @@ impl Bench {
     async fn throughput(&self) -> Res<()> {
         let tls_node = self.tls_pair.nodes[0].addr();
         let plain_node = self.plain_pair.nodes[0].addr();
-        let (proxy_p, proxy) = self.start_proxy().await?;
+        let (proxy_p, proxy, proxy_direct) = self.start_proxy().await?;
         let (relay_p, relay) = self.start_relay(tls_node).await?;
         let (relay_plain_p, relay_plain) = self.start_relay(plain_node).await?;
-        let haproxy = self.start_haproxy(tls_node).await?;
-        let haproxy_plain = self.start_haproxy(plain_node).await?;
-        let mut targets: Vec<(&str, SocketAddr, bool, Option<&Proc>)> = vec![
-            ("direct", tls_node, true, None),
-            ("prg-proxy", proxy, true, Some(&proxy_p)),
-            ("tokio-relay", relay, true, Some(&relay_p)),
+        let haproxy = self.start_haproxy(tls_node, false).await?;
+        let haproxy_plain = self.start_haproxy(plain_node, false).await?;
+        let haproxy_tls = self.start_haproxy(plain_node, true).await?;
+        let starttls = Mode::StartTls(&self.client_tls);
+        let direct_tls = Mode::DirectTls(&self.client_tls);
+        let mut targets: Vec<(&str, SocketAddr, Mode<'_>, Option<&Proc>)> = vec![
+            ("direct", tls_node, starttls, None),
+            ("prg-proxy", proxy, starttls, Some(&proxy_p)),
+            ("prg-proxy/tls", proxy_direct, direct_tls, Some(&proxy_p)),
+            ("tokio-relay", relay, starttls, Some(&relay_p)),
             (
                 "tokio-relay/plain",
                 relay_plain,
-                false,
+                Mode::Plain,
                 Some(&relay_plain_p),
             ),
         ];
-        if let (Some((a_p, a)), Some((b_p, b))) = (&haproxy, &haproxy_plain) {
-            targets.push(("haproxy", *a, true, Some(a_p)));
-            targets.push(("haproxy/plain", *b, false, Some(b_p)));
+        if let (Some((a_p, a)), Some((b_p, b)), Some((c_p, c))) =
+            (&haproxy, &haproxy_plain, &haproxy_tls)
+        {
+            targets.push(("haproxy/tls", *c, direct_tls, Some(c_p)));
+            targets.push(("haproxy", *a, starttls, Some(a_p)));
+            targets.push(("haproxy/plain", *b, Mode::Plain, Some(b_p)));
         }
         for &size in &self.c.sizes {
             let mut rates: HashMap<&str, f64> = HashMap::new();
-            for &(name, addr, tls, proc_) in &targets {
+            let mut costs: HashMap<&str, f64> = HashMap::new();
+            for &(name, addr, mode, proc_) in &targets {
                 let cpu0 = proc_.map_or(0.0, Proc::cpu_secs);
-                let (stanzas, secs) = self.pump(addr, tls, size).await?;
+                let (stanzas, secs) = self.pump(addr, mode, size).await?;
                 let cpu = proc_.map_or(0.0, Proc::cpu_secs) - cpu0;
                 let rate = stanzas as f64 / secs;
                 rates.insert(name, rate);
                 // The relay's CPU per stanza does not depend on whether the
                 // driver (nodes + clients) saturates first.
                 let cost = match proc_ {
-                    Some(_) => format!(
-                        "  relay CPU {:>5.2} us/stanza ({:>3.0} % of a core)",
-                        cpu * 1e6 / stanzas.max(1) as f64,
-                        cpu * 100.0 / secs
-                    ),
+                    Some(_) => {
+                        let us = cpu * 1e6 / stanzas.max(1) as f64;
+                        costs.insert(name, us);
+                        format!(
+                            "  relay CPU {us:>5.2} us/stanza ({:>3.0} % of a core)",
+                            cpu * 100.0 / secs
+                        )
+                    }
                     None => String::new(),
                 };
                 println!(
-                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:>9.0} stanzas/s {:>7.1} MB/s{cost}",
+                    "SUMMARY relay: {size:>5} B stanzas, {} clients, {name:<17} {:<10} {:>9.0} stanzas/s {:>7.1} MB/s{cost}",
                     self.c.clients,
+                    mode.label(),
                     rate,
                     rate * size as f64 / 1e6
+                );
+            }
+            // The fair peer for CPU: both end the clients' TLS (direct TLS)
+            // and talk plain TCP to the node.
+            if let (Some(p), Some(h)) = (costs.get("prg-proxy/tls"), costs.get("haproxy/tls")) {
+                println!(
+                    "SUMMARY relay: {size:>5} B CPU per stanza prg-proxy/tls {p:.2} us, haproxy/tls {h:.2} us: {:.2}x HAProxy terminating TLS  [goal <= 1.0x]",
+                    p / h
                 );
             }
             let p = rates["prg-proxy"];
@@ -446,11 +519,10 @@ impl Bench {
 
     /// Logs `clients` users in through `addr`, then each keeps `window`
     /// messages to itself in flight for `secs`. Returns (stanzas, seconds).
-    async fn pump(&self, addr: SocketAddr, tls: bool, size: usize) -> Res<(u64, f64)> {
+    async fn pump(&self, addr: SocketAddr, mode: Mode<'_>, size: usize) -> Res<(u64, f64)> {
         let mut conns = Vec::with_capacity(self.c.clients);
         for i in 0..self.c.clients {
-            let tls = tls.then_some(&self.client_tls);
-            conns.push(login(addr, tls, &user(i), &format!("t{size}")).await?);
+            conns.push(login(addr, mode, &user(i), &format!("t{size}")).await?);
         }
         let done = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
@@ -472,7 +544,7 @@ impl Bench {
 
     /// Full logins per second, direct and through the proxy.
     async fn logins(&self) -> Res<()> {
-        let (_proxy, proxy) = self.start_proxy().await?;
+        let (_proxy, proxy, _) = self.start_proxy().await?;
         let mut rates = Vec::new();
         for (name, addr) in [
             ("direct", self.tls_pair.nodes[0].addr()),
@@ -489,7 +561,8 @@ impl Bench {
                         let mut k = 0u64;
                         // Bounded in time and in count.
                         while Instant::now() < deadline && k < 100_000 {
-                            let c = login(addr, Some(&tls), &user(w), &format!("l{k}")).await?;
+                            let c = login(addr, Mode::StartTls(&tls), &user(w), &format!("l{k}"))
+                                .await?;
                             c.close().await;
                             k += 1;
                             n.fetch_add(1, Ordering::Relaxed);
@@ -515,26 +588,17 @@ impl Bench {
         Ok(())
     }
 
-    /// RSS growth of the proxy process per idle logged-in TLS connection.
-    async fn memory(&self) -> Res<()> {
-        let (proxy, addr) = self.start_proxy().await?;
-        // Warm up: first connections size the runtime's and allocator's pools.
-        let mut warm = Vec::new();
-        for i in 0..8 {
-            warm.push(login(addr, Some(&self.client_tls), &user(i), "warm").await?);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let before = proxy.rss_kib();
-        let n = self.c.idle;
+    /// `n` STARTTLS clients logged in and bound through `addr`, 64 logins
+    /// in flight.
+    async fn idle_logins(&self, addr: SocketAddr, n: usize) -> Res<Vec<Lean>> {
         let gate = Arc::new(Semaphore::new(64));
-        let start = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|i| {
                 let gate = gate.clone();
                 let tls = self.client_tls.clone();
                 tokio::spawn(async move {
                     let _p = gate.acquire().await.map_err(|e| e.to_string())?;
-                    login(addr, Some(&tls), &user(i), "idle").await
+                    login(addr, Mode::StartTls(&tls), &user(i), "idle").await
                 })
             })
             .collect();
@@ -542,12 +606,130 @@ impl Bench {
         for t in tasks {
             idle.push(t.await.map_err(|e| e.to_string())??);
         }
+        Ok(idle)
+    }
+
+    /// Idle connections plus steady chat and login churn for
+    /// `s.duration`; compares the first and the last `s.sample_window` seconds.
+    async fn soak(&self, s: &Soak) -> Res<()> {
+        let (proxy, addr, _) = self.start_proxy().await?;
+        let n = self.c.idle;
+        let setup = Instant::now();
+        let idle = self.idle_logins(addr, n).await?;
+        let mut chatters = Vec::with_capacity(self.c.clients);
+        for i in 0..self.c.clients {
+            chatters.push(login(addr, Mode::StartTls(&self.client_tls), &user(i), "chat").await?);
+        }
+        eprintln!(
+            "loadbench: soak: {n} idle + {} chatters set up in {:.1?}; running {:.0} s",
+            self.c.clients,
+            setup.elapsed(),
+            s.duration
+        );
+        let start = Instant::now();
+        let window = Duration::from_secs_f64(s.sample_window.min(s.duration / 2.0));
+        let end = start + Duration::from_secs_f64(s.duration);
+        let early_until = start + window;
+        let late_from = end - window;
+        let interval = Duration::from_secs_f64(1.0 / s.rate.max(0.01));
+        let tasks: Vec<_> = chatters
+            .into_iter()
+            .map(|c| {
+                tokio::spawn(async move { c.chat(interval, end, early_until, late_from).await })
+            })
+            .collect();
+        // Login churn: connect, log in, leave; bounded in count and time.
+        let churn = {
+            let tls = self.client_tls.clone();
+            let every = Duration::from_secs_f64(1.0 / s.churn.max(0.01));
+            let users = n.max(1);
+            let on = s.churn > 0.0;
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                let mut tick = tokio::time::interval(every);
+                while on && Instant::now() < end && done < 10_000_000 {
+                    tick.tick().await;
+                    let u = user(done as usize % users);
+                    let c = login(addr, Mode::StartTls(&tls), &u, &format!("c{done}")).await?;
+                    c.close().await;
+                    done += 1;
+                }
+                Ok::<u64, String>(done)
+            })
+        };
+        // The start's figures once the first window is over (the chatters'
+        // first messages and the setup's garbage are behind).
+        tokio::time::sleep_until(early_until.into()).await;
+        let (rss0, fds0) = (proxy.rss_kib(), proxy.open_fds());
+        tokio::time::sleep_until(end.into()).await;
+        let (rss1, fds1) = (proxy.rss_kib(), proxy.open_fds());
+        let mut early = Vec::new();
+        let mut late = Vec::new();
+        for t in tasks {
+            let (e, l) = t.await.map_err(|e| e.to_string())??;
+            early.extend(e);
+            late.extend(l);
+        }
+        let churned = churn.await.map_err(|e| e.to_string())??;
+        let pct = |v: &mut Vec<u32>, q: f64| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            v.sort_unstable();
+            let i = ((v.len() - 1) as f64 * q).round() as usize;
+            f64::from(v[i]) / 1000.0
+        };
+        let (e50, e99) = (pct(&mut early, 0.5), pct(&mut early, 0.99));
+        let (l50, l99) = (pct(&mut late, 0.5), pct(&mut late, 0.99));
+        let rss_growth = rss1 as f64 - rss0 as f64;
+        let rss_pct = rss_growth * 100.0 / (rss0.max(1) as f64);
+        let fd_growth = fds1 - fds0;
+        let pass = rss_pct <= s.max_rss_growth_pct && fd_growth <= s.max_fd_growth;
+        println!(
+            "SUMMARY soak: {n} idle TLS connections, {} chatters at {}/s, {churned} churned logins, {:.0} s",
+            self.c.clients, s.rate, s.duration
+        );
+        println!(
+            "SUMMARY soak: start  RSS {rss0} KiB, {fds0} fds, round trip p50 {e50:.2} ms p99 {e99:.2} ms ({} messages)",
+            early.len()
+        );
+        println!(
+            "SUMMARY soak: end    RSS {rss1} KiB, {fds1} fds, round trip p50 {l50:.2} ms p99 {l99:.2} ms ({} messages)",
+            late.len()
+        );
+        println!(
+            "SUMMARY soak: growth RSS {rss_growth:+.0} KiB ({rss_pct:+.1} %, bound {} %), fds {fd_growth:+} (bound {}): {}",
+            s.max_rss_growth_pct,
+            s.max_fd_growth,
+            if pass { "PASS" } else { "FAIL" }
+        );
+        drop(idle);
+        if pass {
+            Ok(())
+        } else {
+            Err("soak: growth over the bounds".into())
+        }
+    }
+
+    /// RSS growth of the proxy process per idle logged-in TLS connection.
+    async fn memory(&self) -> Res<()> {
+        let (proxy, addr, _) = self.start_proxy().await?;
+        // Warm up: first connections size the runtime's and allocator's pools.
+        let mut warm = Vec::new();
+        for i in 0..8 {
+            warm.push(login(addr, Mode::StartTls(&self.client_tls), &user(i), "warm").await?);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = proxy.rss_kib();
+        let n = self.c.idle;
+        let start = Instant::now();
+        let idle = self.idle_logins(addr, n).await?;
         let took = start.elapsed();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = proxy.rss_kib();
         let per = (after.saturating_sub(before)) as f64 * 1024.0 / n as f64;
         println!(
-            "SUMMARY memory: {n} idle TLS connections through the proxy (logged in and bound, set up in {took:.1?}): proxy RSS {before} KiB -> {after} KiB, {:.1} KiB per connection  [goal <= 32 KiB]",
+            "SUMMARY memory: {n} idle TLS connections through the proxy (logged in and bound, set up in {took:.1?}): proxy RSS {before} KiB -> {after} KiB, {:.1} KiB per connection  [goal <= 16 KiB]",
             per / 1024.0
         );
         drop(idle);
@@ -622,19 +804,53 @@ async fn open(io: &mut (impl AsyncRead + AsyncWrite + Unpin), buf: &mut Vec<u8>)
     Ok(features)
 }
 
-async fn login(
-    addr: SocketAddr,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    user: &str,
-    resource: &str,
-) -> Res<Lean> {
+/// How a client reaches its server.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// Plain TCP, no TLS anywhere.
+    Plain,
+    /// A plain stream upgraded with STARTTLS.
+    StartTls(&'a Arc<rustls::ClientConfig>),
+    /// TLS from the first byte (XEP-0368; what HAProxy can terminate).
+    DirectTls(&'a Arc<rustls::ClientConfig>),
+}
+
+impl Mode<'_> {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::StartTls(_) => "starttls",
+            Mode::DirectTls(_) => "direct-tls",
+        }
+    }
+}
+
+async fn tls_connect(
+    tls: &Arc<rustls::ClientConfig>,
+    tcp: TcpStream,
+) -> Res<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name =
+        rustls_pki_types::ServerName::try_from(DOMAIN.to_string()).map_err(|e| e.to_string())?;
+    let connect = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp);
+    tokio::time::timeout(STEP, connect)
+        .await
+        .map_err(|_| "TLS timeout".to_string())?
+        .map_err(err("TLS"))
+}
+
+async fn login(addr: SocketAddr, mode: Mode<'_>, user: &str, resource: &str) -> Res<Lean> {
     let mut tcp = TcpStream::connect(addr).await.map_err(err("connect"))?;
     let _ = tcp.set_nodelay(true);
     let mut buf = Vec::new();
+    if let Mode::DirectTls(tls) = mode {
+        let mut io: Box<dyn Io> = Box::new(tls_connect(tls, tcp).await?);
+        open(&mut io, &mut buf).await?;
+        return authenticate(io, buf, user, resource).await;
+    }
     let features = open(&mut tcp, &mut buf).await?;
-    let mut io: Box<dyn Io> = match tls {
-        None => Box::new(tcp),
-        Some(tls) => {
+    let io: Box<dyn Io> = match mode {
+        Mode::Plain | Mode::DirectTls(_) => Box::new(tcp),
+        Mode::StartTls(tls) => {
             if !peek::contains(&features, b"urn:ietf:params:xml:ns:xmpp-tls") {
                 return Err("no STARTTLS offered".into());
             }
@@ -646,19 +862,22 @@ async fn login(
             if peek::element_name(&proceed) != b"proceed" {
                 return Err("STARTTLS refused".into());
             }
-            let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_string())
-                .map_err(|e| e.to_string())?;
-            let connect = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp);
-            let tls = tokio::time::timeout(STEP, connect)
-                .await
-                .map_err(|_| "TLS timeout".to_string())?
-                .map_err(err("TLS"))?;
-            let mut io: Box<dyn Io> = Box::new(tls);
+            let mut io: Box<dyn Io> = Box::new(tls_connect(tls, tcp).await?);
             buf.clear();
             open(&mut io, &mut buf).await?;
             io
         }
     };
+    authenticate(io, buf, user, resource).await
+}
+
+/// SASL PLAIN, a new stream, bind (and a session where it is required).
+async fn authenticate(
+    mut io: Box<dyn Io>,
+    mut buf: Vec<u8>,
+    user: &str,
+    resource: &str,
+) -> Res<Lean> {
     let creds = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0pw"));
     io.write_all(
         format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>")
@@ -739,6 +958,61 @@ impl Lean {
         }
         self.close().await;
         Ok(())
+    }
+
+    /// One message to itself every `interval` until `end`; returns the
+    /// round trips (µs) of those sent before `early_until` and after
+    /// `late_from`.
+    async fn chat(
+        mut self,
+        interval: Duration,
+        end: Instant,
+        early_until: Instant,
+        late_from: Instant,
+    ) -> Res<(Vec<u32>, Vec<u32>)> {
+        let one = format!(
+            "<message type='chat' to='{}' id='s'><body>soak</body></message>",
+            self.jid
+        );
+        let finder = memmem::Finder::new(b"</message>");
+        let mut chunk = vec![0u8; 4096];
+        let mut carry: Vec<u8> = std::mem::take(&mut self.buf);
+        let (mut early, mut late) = (Vec::new(), Vec::new());
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sent = 0u64;
+        // Bounded in time and in count.
+        while Instant::now() < end && sent < 10_000_000 {
+            tick.tick().await;
+            sent += 1;
+            let t0 = Instant::now();
+            self.io
+                .write_all(one.as_bytes())
+                .await
+                .map_err(err("write"))?;
+            loop {
+                if let Some(at) = finder.find(&carry) {
+                    carry.drain(..at + b"</message>".len());
+                    break;
+                }
+                let n = tokio::time::timeout(STEP, self.io.read(&mut chunk))
+                    .await
+                    .map_err(|_| "chat timeout".to_string())?
+                    .map_err(err("read"))?;
+                if n == 0 {
+                    return Err("closed during chat".into());
+                }
+                carry.extend_from_slice(&chunk[..n]);
+            }
+            let us = t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            if t0 < early_until {
+                early.push(us);
+            } else if t0 >= late_from {
+                late.push(us);
+            }
+        }
+        self.close().await;
+        Ok((early, late))
     }
 
     async fn close(mut self) {

@@ -13,9 +13,11 @@
 //! - **unpaced** (`failover.pacing = false`): every client at once, as
 //!   through a TCP proxy; a failed login is tried again after 1 s;
 //! - **fixed** (window `[--lower, --upper]` on node 2) and **adaptive**
-//!   (the default window): 70 % of the clients honour their hint, 15 % come
-//!   back at once and 15 % after RFC 6120's random 0–60 s; a refused or
-//!   failed login comes back at its fresh hint (honouring) or after 1 s.
+//!   (the default window): `--naive` percent of the clients (30 by
+//!   default) ignore their hint, in four equal groups: back at once, after
+//!   RFC 6120's random 0–60 s, after a fixed 10 s, after a fixed 25 s; the
+//!   rest honour it. A refused or failed login comes back at its fresh hint
+//!   (honouring), after 1 s (at once) or after the client's own back-off.
 //!
 //! Reported per mode: time until every stream was closed, logins per
 //! second completed at node 2 (peak 1-second bucket against the planned
@@ -23,13 +25,19 @@
 //! back (against N / C), held and refused logins, and the chatters' round
 //! trip p50 / p99 during the storm against before it.
 //!
-//! Each session costs this process four descriptors (client, proxy client
+//! In one process each session costs four descriptors (client, proxy client
 //! side, proxy node side, node side): 4,000 sessions and 200 chatters fit
-//! the 20,000 open-file limit. Everything is on 127.0.0.1; every loop is
-//! bounded in count and time.
+//! a 20,000 open-file limit. With `--separate-proxy` the proxy is the real
+//! `prg-proxy` binary (next to this one) in a process of its own, its
+//! counters read from the admin API's `/metrics`: two descriptors per
+//! session on each side, so 9,000 sessions fit. Raise the soft limit to
+//! the hard one first (`ulimit -n $(ulimit -Hn)`). Everything is on
+//! 127.0.0.1; every loop is bounded in count and time.
 //!
 //! ```sh
 //! cargo run --release --bin stormbench -- [--users 4000] [--capacity 200]
+//! cargo build --release && ulimit -n $(ulimit -Hn) && \
+//!   target/release/stormbench --separate-proxy --users 9000 --upper 50s
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,8 +45,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use prg_proxy::config::{FailoverConfig, WindowMode};
+use prg_proxy::failover::plan::{window, Window};
 use prg_proxy::node::NodeId;
-use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy};
+use prg_proxy::sim::bench::{chat, percentile, users_by_home, BenchProxy, BenchProxyProcess};
 use prg_proxy::sim::{
     ClientError, ClientTls, LoginCapacity, ReconnectPolicy, Roster, SimClient, SimNodeConfig,
     SimPair,
@@ -72,6 +82,73 @@ struct Cli {
     /// Give up on a mode after this long.
     #[arg(long, default_value = "240s")]
     bound: String,
+    /// Percent of the clients that ignore their hint in the paced modes,
+    /// split evenly: back at once, after RFC 6120's random 0–60 s, after a
+    /// fixed 10 s (as Dino), after a fixed 25 s (as Conversations' first
+    /// try).
+    #[arg(long, default_value_t = 30)]
+    naive: u32,
+    /// Run the proxy as the `prg-proxy` binary in a process of its own.
+    #[arg(long)]
+    separate_proxy: bool,
+}
+
+/// The proxy under test: in this process, or the real binary beside it.
+enum UnderTest {
+    InProcess(BenchProxy),
+    Process(BenchProxyProcess),
+}
+
+/// The pacer's counters at one moment.
+struct PacerCounts {
+    held: u64,
+    refused: u64,
+    /// Node 2's rate.
+    rate: f64,
+}
+
+impl UnderTest {
+    async fn counts(&self) -> PacerCounts {
+        match self {
+            UnderTest::InProcess(b) => {
+                let p = b.view.hints.pacer();
+                PacerCounts {
+                    held: p.stats.held.load(Ordering::Relaxed),
+                    refused: p.stats.refused.load(Ordering::Relaxed),
+                    rate: p.rate(NodeId::Node2),
+                }
+            }
+            UnderTest::Process(p) => PacerCounts {
+                held: p.metric("prg_proxy_pacer_held_total").await as u64,
+                refused: p.metric("prg_proxy_pacer_refused_total").await as u64,
+                rate: p.metric("prg_proxy_pacer_rate{node=\"imp2\"}").await,
+            },
+        }
+    }
+
+    /// The re-login window of `n` users moved to node 2.
+    fn window(&self, cli: &Cli, mode: &str, n: usize, rate: f64) -> Res<Window> {
+        match self {
+            UnderTest::InProcess(b) => Ok(b.view.hints.window(NodeId::Node2, n)),
+            UnderTest::Process(_) => {
+                let d = |s: &str| humantime::parse_duration(s).map_err(|e| e.to_string());
+                let m = if mode == "adaptive" {
+                    WindowMode::Adaptive
+                } else {
+                    WindowMode::Fixed
+                };
+                let max = FailoverConfig::default().max_rate;
+                Ok(window(m, n, rate, max, d(&cli.lower)?, d(&cli.upper)?))
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            UnderTest::InProcess(b) => b.stop().await,
+            UnderTest::Process(p) => p.stop(),
+        }
+    }
 }
 
 type Res<T> = Result<T, String>;
@@ -116,8 +193,8 @@ fn main() -> std::process::ExitCode {
     let ideal = cli.users as f64 / cli.capacity;
     println!(
         "\nfailover storm over real sockets: {} users on node 1 killed, node 2 takes {:.0} logins/s (N / C = {:.1} s); \
-         paced modes: 70 % honour the hint, 15 % at once, 15 % RFC 6120 0-60 s",
-        cli.users, cli.capacity, ideal
+         paced modes: {} % ignore the hint (at once, RFC 6120 0-60 s, 10 s, 25 s), the rest honour it",
+        cli.users, cli.capacity, ideal, cli.naive
     );
     println!(
         "{:>9} {:>8} {:>7} {:>7} {:>6} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6}  {:>22}",
@@ -186,20 +263,27 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         "adaptive" => "window = \"adaptive\"\n",
         m => return Err(format!("unknown mode {m}")),
     };
-    let bench = BenchProxy::start(
-        "stormbench",
-        DOMAIN,
-        &pair,
-        &format!(
-            "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
-            cli.lower, cli.upper
-        ),
-        &format!(
-            "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}"
-        ),
-    )
-    .await?;
-    let (addr, view, tls) = (bench.addr, bench.view.clone(), bench.tls.clone());
+    let node2 = format!(
+        "relogin_lower = \"{}\"\nrelogin_upper = \"{}\"",
+        cli.lower, cli.upper
+    );
+    let tail = format!(
+        "[srm]\nheartbeat_interval = \"1s\"\nheartbeat_timeout = \"60s\"\n\n[failover]\n{failover}"
+    );
+    let bench = if cli.separate_proxy {
+        let bin = std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("prg-proxy");
+        UnderTest::Process(
+            BenchProxyProcess::spawn(&bin, "stormbench", DOMAIN, &pair, &node2, &tail).await?,
+        )
+    } else {
+        UnderTest::InProcess(BenchProxy::start("stormbench", DOMAIN, &pair, &node2, &tail).await?)
+    };
+    let (addr, tls) = match &bench {
+        UnderTest::InProcess(b) => (b.addr, b.tls.clone()),
+        UnderTest::Process(p) => (p.addr, p.tls.clone()),
+    };
     let login = move |user: String, tls: ClientTls| async move {
         let mut c = SimClient::connect(addr, DOMAIN, tls).await?;
         c.login(&user, "pw", "PLAIN").await?;
@@ -242,11 +326,7 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     // The crash.
     let completed0 = pair.nodes[1].logins_completed();
     let failed0 = pair.nodes[1].logins_overloaded();
-    let pacer = view.hints.pacer().clone();
-    let (held0, refused0) = (
-        pacer.stats.held.load(Ordering::Relaxed),
-        pacer.stats.refused.load(Ordering::Relaxed),
-    );
+    let before = bench.counts().await;
     let t0 = Instant::now();
     pair.nodes[0].kill();
     let closed = Arc::new(AtomicUsize::new(0));
@@ -258,11 +338,14 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         let user = on1[i].clone();
         let policy = if !paced {
             ReconnectPolicy::Immediate
+        } else if (i % 100) as u32 >= cli.naive {
+            ReconnectPolicy::Honour
         } else {
-            match i % 20 {
-                0..=13 => ReconnectPolicy::Honour,
-                14..=16 => ReconnectPolicy::Immediate,
-                _ => ReconnectPolicy::Rfc6120Random,
+            match i % 4 {
+                0 => ReconnectPolicy::Immediate,
+                1 => ReconnectPolicy::Rfc6120Random,
+                2 => ReconnectPolicy::Fixed(Duration::from_secs(10)),
+                _ => ReconnectPolicy::Fixed(Duration::from_secs(25)),
             }
         };
         tasks.push(tokio::spawn(async move {
@@ -285,9 +368,13 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
                     Ok(c) => return Some((t0.elapsed(), c)),
                     Err(e) => {
                         let jitter = Duration::from_millis(rand::thread_rng().gen_range(0..500));
+                        // A naive client tries again on its own back-off.
                         wait = match (&policy, e.relogin()) {
                             (ReconnectPolicy::Honour, Some(h)) => h.after,
-                            _ => Duration::from_secs(1) + jitter,
+                            (ReconnectPolicy::Honour | ReconnectPolicy::Immediate, _) => {
+                                Duration::from_secs(1) + jitter
+                            }
+                            (p, _) => p.delay(None, &mut rand::thread_rng()).max(jitter),
                         };
                     }
                 }
@@ -335,7 +422,8 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         let k = ((n as f64) * p).ceil() as usize;
         (back.len() >= k && k > 0).then(|| back[k - 1])
     };
-    let window = view.hints.window(NodeId::Node2, n);
+    let after = bench.counts().await;
+    let window = bench.window(cli, mode, n, after.rate)?;
     let planned = if paced {
         window.planned_rate(n).min(cli.capacity)
     } else {
@@ -353,9 +441,9 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         t99: at(0.99),
         t100: at(1.0),
         back: back.len(),
-        held: pacer.stats.held.load(Ordering::Relaxed) - held0,
-        refused: pacer.stats.refused.load(Ordering::Relaxed) - refused0,
-        rate: pacer.rate(NodeId::Node2),
+        held: after.held - before.held,
+        refused: after.refused - before.refused,
+        rate: after.rate,
         quiet_p50: percentile(&quiet, 0.5),
         quiet_p99: percentile(&quiet, 0.99),
         storm_p50: percentile(&storm, 0.5),

@@ -531,7 +531,7 @@ fn run(n: usize, mode: Mode, capacity: f64, seed: u64) -> Outcome {
             let mut p = NodePacer::new(params, t0);
             if mode == Mode::Fixed {
                 // As the proxy does for a fixed window: the plan is the rate.
-                p.plan(t0, w.planned_rate(n), t0 + w.upper);
+                p.plan(t0, w.planned_rate(n), t0 + w.upper + cfg.slot_grace);
             }
             p
         },

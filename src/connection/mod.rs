@@ -375,12 +375,15 @@ impl ClientConnection {
     }
 
     async fn serve(&mut self, accepted: Accepted) -> End {
-        let result = async {
+        // The login phases' state lives on the heap and is freed once the
+        // session relays: the task itself holds only what the relay needs
+        // for the rest of its (mostly idle) life.
+        let result = Box::pin(async {
             let secured = self.secure(accepted).await?;
             let opened = self.open(secured).await?;
             let relaying = self.authenticate(opened).await?;
             Ok::<_, End>(relaying)
-        }
+        })
         .await;
         match result {
             Ok(r) => self.relay(r).await,
@@ -421,9 +424,11 @@ impl ClientConnection {
                     .refuse_stream(&mut plain, "policy-violation", "STARTTLS is required")
                     .await);
             }
-            if !plain.buf.is_empty() {
+            if !plain.buf.iter().all(|b| b" \t\r\n".contains(b)) {
                 // Bytes pipelined after <starttls/> would be trusted as if
                 // they came over TLS: refuse them (STARTTLS injection).
+                // Whitespace after it (a keep-alive, a newline) is no
+                // stanza and is dropped with the plain buffer.
                 return Err(self
                     .refuse_stream(&mut plain, "policy-violation", "data after <starttls/>")
                     .await);
@@ -555,6 +560,9 @@ impl ClientConnection {
         let mut node_framer = Framer::in_open_stream(limits.max_stanza_bytes)
             .with_structure_limits(limits.max_depth, limits.max_attributes);
         let node_name = self.ctx.nodes.name(routed.target);
+        // Whether the node owes the next word (the `<auth>` or a
+        // `<response>` was forwarded): a deadline then is the node's fault.
+        let mut node_turn = true;
         loop {
             // What the node said: pass it on; success and failure end the step.
             loop {
@@ -587,6 +595,7 @@ impl ClientConnection {
                     }
                 }
                 self.send(&mut o.client, &frame).await?;
+                node_turn = false;
                 let sasl = peek::contains(&frame[..f.head_end], stream::NS_SASL.as_bytes());
                 match f.name(&frame) {
                     b"success" if sasl => {
@@ -664,6 +673,7 @@ impl ClientConnection {
                 {
                     return Err(self.node_gone(o, routed.target, e).await.into());
                 }
+                node_turn = true;
             }
             o.client.buf.reserve(limits.read_buffer_bytes);
             node.buf.reserve(limits.read_buffer_bytes);
@@ -687,6 +697,15 @@ impl ClientConnection {
                     }
                 },
                 () = tokio::time::sleep_until(self.deadline) => {
+                    if node_turn {
+                        let x = stream::stream_error(
+                            "remote-connection-failed",
+                            Some(NODE_SILENT),
+                            None,
+                        );
+                        let _ = self.send(&mut o.client, x.as_bytes()).await;
+                        return Err(End::Error(ConnError::Protocol(Side::Node, NODE_SILENT.into())).into());
+                    }
                     return Err(self.pre_auth_over(&mut o.client, false).await.into());
                 }
                 _ = wait_shutdown(&mut shutdown) => {
@@ -882,11 +901,7 @@ impl ClientConnection {
                 return Ok(Connected::Moved(routed.id));
             }
             () = tokio::time::sleep_until(self.deadline) => {
-                let x = stream::stream_error(
-                    "remote-connection-failed",
-                    Some("the user's node did not answer before the login deadline"),
-                    None,
-                );
+                let x = stream::stream_error("remote-connection-failed", Some(NODE_SILENT), None);
                 let _ = self.send(&mut o.client, x.as_bytes()).await;
                 return Err(End::Error(ConnError::Timeout("connecting to the node")).into());
             }
@@ -897,11 +912,7 @@ impl ClientConnection {
                 warn!(user = %routed.id.bare, node = %self.ctx.nodes.name(target), error = %e, "node unavailable");
                 self.ctx.note_node_failure(target);
                 return Err(self
-                    .sasl_failure(
-                        &mut o.client,
-                        "temporary-auth-failure",
-                        "the user's node is not reachable; try again later",
-                    )
+                    .sasl_failure(&mut o.client, "temporary-auth-failure", &e.client_text())
                     .await);
             }
         };
@@ -937,10 +948,18 @@ impl ClientConnection {
             routed,
             forwarded_at,
         } = r;
+        // The forwarded <auth> was split off the buffer it was read into
+        // and would keep that whole buffer alive for the session's life.
+        let Routed {
+            id: Identified { bare, auth },
+            home,
+            target,
+        } = routed;
+        drop(auth);
         // Logged in: the user is known for the rest of the connection.
         let span = tracing::Span::current();
-        span.record("user", routed.id.bare.as_str());
-        span.record("node", self.ctx.nodes.name(routed.target));
+        span.record("user", bare.as_str());
+        span.record("node", self.ctx.nodes.name(target));
         client
             .framer
             .set_max_bytes(self.ctx.limits.max_stanza_bytes);
@@ -948,9 +967,9 @@ impl ClientConnection {
         let (handle, control) = ConnHandle::new(ctx.limits.inject_queue_bytes);
         let session = SessionInfo {
             conn: self.id,
-            user: Arc::from(routed.id.bare.as_str()),
-            home: routed.home,
-            node: routed.target,
+            user: Arc::from(bare.as_str()),
+            home,
+            node: target,
             handle,
         };
         let hooks = Hooks::new(
@@ -961,7 +980,7 @@ impl ClientConnection {
             forwarded_at,
         );
         let user = session.user.clone();
-        let target = routed.target;
+        drop(bare);
         let closing = |why: relay::Closing| -> String {
             let hints = &ctx.hints;
             match why {
@@ -996,7 +1015,7 @@ impl ClientConnection {
         )
         .await;
         if matches!(end, End::NodeLost(_)) {
-            ctx.note_node_failure(routed.target);
+            ctx.note_node_failure(target);
         }
         end
     }
@@ -1224,6 +1243,9 @@ pub(crate) fn node_frame_error_text(e: &FrameError) -> String {
         }
     }
 }
+
+/// The text of the stream error when the user's node did not answer in time.
+const NODE_SILENT: &str = "the user's node did not answer before the login deadline";
 
 fn stream_id() -> String {
     use rand::Rng;

@@ -19,13 +19,16 @@
 //! queued whole stanzas and the closing bytes on both sides, and closes the
 //! client, all within one more write deadline.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -202,10 +205,17 @@ pub(super) async fn relay(
     mut node_buf: BytesMut,
     mut node_framer: Framer,
     mut hooks: Hooks,
-    mut control: ControlReceiver,
-    mut shutdown: watch::Receiver<bool>,
+    control: ControlReceiver,
+    shutdown: watch::Receiver<bool>,
     p: RelayParams<'_>,
 ) -> End {
+    // One future for the control point and the shutdown signal, kept
+    // across turns of the loop (made anew only after it fired), so that a
+    // turn does not register and unregister two waiters.
+    let mut signal = std::pin::pin!(next_signal(control, shutdown));
+    // Idle sessions hold no read buffer (see `read_into`).
+    release_if_drained(&mut client_buf);
+    release_if_drained(&mut node_buf);
     let (mut cr, mut cw): (ReadHalf<BoxStream>, WriteHalf<BoxStream>) = tokio::io::split(client);
     let (mut nr, mut nw) = tokio::io::split(node);
     let mut to_node = Outbox::default();
@@ -262,6 +272,7 @@ pub(super) async fn relay(
                             .fetch_add(b.ready as u64, Ordering::Relaxed);
                         p.metrics.stanzas_up.fetch_add(b.stanzas, Ordering::Relaxed);
                         to_node.push(client_buf.split_to(b.ready).freeze(), wt);
+                        release_if_drained(&mut client_buf);
                     }
                     if b.stopped.is_some() {
                         queue_injections(inj, &mut to_client, &mut to_node, wt);
@@ -318,10 +329,12 @@ pub(super) async fn relay(
                             .stanzas_down
                             .fetch_add(b.stanzas, Ordering::Relaxed);
                         to_client.push(node_buf.split_to(b.ready).freeze(), wt);
+                        release_if_drained(&mut node_buf);
                     }
                     if let (Some(len), Some(rewritten)) = (b.stopped, features.take()) {
                         queue_injections(inj, &mut to_client, &mut to_node, wt);
                         node_buf.advance(len);
+                        release_if_drained(&mut node_buf);
                         to_client.push(Bytes::from(rewritten), wt);
                         continue;
                     }
@@ -374,35 +387,32 @@ pub(super) async fn relay(
             .min();
         let can_read_client = client_reading && !to_node.pending() && matches!(phase, Phase::Open);
         let can_read_node = node_reading && !to_client.pending();
-        if can_read_client {
-            client_buf.reserve(p.read_size);
-        }
-        if can_read_node {
-            node_buf.reserve(p.read_size);
-        }
         let closing = matches!(phase, Phase::Closing { .. });
 
         tokio::select! {
             biased;
-            c = control.recv(), if !closing => match c {
-                Control::Evict(e) => {
-                    evict_token = e.done;
-                    close!(
-                        End::Evicted,
-                        to_client: Some(Bytes::from(e.xml)),
-                        to_node: Some(Bytes::from_static(CLOSE_STREAM))
-                    );
+            (sig, c, sh) = &mut signal, if !closing => {
+                signal.set(next_signal(c, sh));
+                match sig {
+                    Signal::Control(Control::Evict(e)) => {
+                        evict_token = e.done;
+                        close!(
+                            End::Evicted,
+                            to_client: Some(Bytes::from(e.xml)),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                    }
+                    Signal::Control(Control::Inject(b)) => to_client.push(b, wt),
+                    Signal::Control(Control::ToNode(b)) => to_node.push(b, wt),
+                    Signal::Shutdown => {
+                        let xml = (p.closing)(Closing::Shutdown);
+                        close!(
+                            End::Shutdown,
+                            to_client: Some(Bytes::from(xml)),
+                            to_node: Some(Bytes::from_static(CLOSE_STREAM))
+                        );
+                    }
                 }
-                Control::Inject(b) => to_client.push(b, wt),
-                Control::ToNode(b) => to_node.push(b, wt),
-            },
-            () = wait_shutdown(&mut shutdown), if !closing => {
-                let xml = (p.closing)(Closing::Shutdown);
-                close!(
-                    End::Shutdown,
-                    to_client: Some(Bytes::from(xml)),
-                    to_node: Some(Bytes::from_static(CLOSE_STREAM))
-                );
             }
             r = to_client.drive(&mut cw), if to_client.pending() => {
                 if let Err(e) = r {
@@ -426,7 +436,7 @@ pub(super) async fn relay(
                     );
                 }
             }
-            r = cr.read_buf(&mut client_buf), if can_read_client => match r {
+            r = read_into(&mut cr, &mut client_buf, p.read_size), if can_read_client => match r {
                 Ok(0) => {
                     close!(
                         End::ClientClosed,
@@ -448,7 +458,7 @@ pub(super) async fn relay(
                     to_node: Some(Bytes::from_static(CLOSE_STREAM))
                 ),
             },
-            r = nr.read_buf(&mut node_buf), if can_read_node => match r {
+            r = read_into(&mut nr, &mut node_buf, p.read_size), if can_read_node => match r {
                 Ok(0) | Err(_) if matches!(phase, Phase::ClientClosed { .. }) => {
                     // The client left first; the node closing is the answer.
                     close!(End::ClientClosed, to_client: None::<Bytes>, to_node: None::<Bytes>);
@@ -510,6 +520,84 @@ pub(super) async fn relay(
     }
     drop(evict_token);
     end.unwrap_or(End::ClientClosed)
+}
+
+/// A request on the control point, or the proxy shutting down.
+enum Signal {
+    Control(Control),
+    Shutdown,
+}
+
+/// The next [`Signal`]; gives the receivers back for the next one.
+async fn next_signal(
+    mut control: ControlReceiver,
+    mut shutdown: watch::Receiver<bool>,
+) -> (Signal, ControlReceiver, watch::Receiver<bool>) {
+    let sig = tokio::select! {
+        biased;
+        c = control.recv() => Signal::Control(c),
+        () = wait_shutdown(&mut shutdown) => Signal::Shutdown,
+    };
+    (sig, control, shutdown)
+}
+
+thread_local! {
+    /// Each worker thread's read buffer for sessions whose own buffer is
+    /// empty (see [`read_into`]).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives a drained read buffer's memory back (what was framed out of it is
+/// owned by the out queue and freed once written).
+fn release_if_drained(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+}
+
+/// Reads up to `size` bytes from `r` into `buf`.
+///
+/// A session between stanzas (an empty `buf`) holds no read buffer, as
+/// HAProxy does: the read goes into this worker thread's scratch buffer and
+/// only the bytes read are copied into `buf`, which [`release_if_drained`]
+/// frees again once they are framed out. A partly filled `buf` (a stanza
+/// split across reads) is read into directly. Cancel safe: the bytes are
+/// copied in the same poll that read them.
+async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    if !buf.is_empty() {
+        buf.reserve(size);
+        return r.read_buf(buf).await;
+    }
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            // Only a read nested inside this one could hold the scratch
+            // buffer; such a read gets a buffer of its own.
+            let mut own = Vec::new();
+            let mut held = scratch.try_borrow_mut();
+            let space: &mut Vec<u8> = match held.as_deref_mut() {
+                Ok(s) => s,
+                Err(_) => &mut own,
+            };
+            if space.len() < size {
+                space.resize(size, 0);
+            }
+            let mut rb = ReadBuf::new(&mut space[..size]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    buf.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+    .await
 }
 
 fn queue_injections(inj: Injections, to_client: &mut Outbox, to_node: &mut Outbox, wt: Duration) {

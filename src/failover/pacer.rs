@@ -97,9 +97,14 @@ pub struct NodePacer {
     overloads: u32,
     /// A login waited for a token in this interval.
     limited: bool,
-    /// A fixed re-login window's planned rate, in force until its end:
-    /// tokens never accrue faster, so the node sees the plan.
+    /// A fixed re-login window's planned rate and how long it is in force
+    /// (the window's end plus the time its slots are remembered): tokens
+    /// accrue at exactly that rate, so the node sees the plan, and the
+    /// stragglers after the window come back no faster either.
     plan: Option<(f64, Instant)>,
+    /// The node refused logins as overloaded while the plan was in force:
+    /// from then on the adaptive rate caps the plan too.
+    plan_overloaded: bool,
     /// The turn after the last one given to a refused login: refused
     /// logins get successive turns, not all the same one.
     next_turn: Instant,
@@ -122,6 +127,7 @@ impl NodePacer {
             overloads: 0,
             limited: false,
             plan: None,
+            plan_overloaded: false,
             next_turn: now,
         };
         n.tokens = n.burst();
@@ -149,24 +155,33 @@ impl NodePacer {
         (self.rate * BURST).max(MIN_BURST)
     }
 
-    /// The rate tokens accrue at now: the adaptive rate, capped by a fixed
-    /// window's plan while it lasts.
+    /// The rate tokens accrue at now: a fixed window's plan while it is in
+    /// force (the operator sized the window to what the node takes; the
+    /// login latency alone does not overrule it, a node refusing logins as
+    /// overloaded does: then the lower of the two), else the adaptive rate.
     fn effective_rate(&self, now: Instant) -> f64 {
         match self.plan {
-            Some((r, until)) if now < until => self.rate.min(r),
+            Some((r, until)) if now < until && self.plan_overloaded => self.rate.min(r),
+            Some((r, until)) if now < until => r,
             _ => self.rate,
         }
     }
 
-    /// Caps the rate at `rate` until `until` (a fixed window's plan; a
-    /// later plan replaces an earlier one, the higher rate wins while both
-    /// last).
+    fn planned(&self, now: Instant) -> Option<f64> {
+        self.plan.filter(|(_, until)| now < *until).map(|(r, _)| r)
+    }
+
+    /// Admits at `rate` until `until` (a fixed window's plan; a later plan
+    /// replaces an earlier one, the higher rate wins while both last).
     pub fn plan(&mut self, now: Instant, rate: f64, until: Instant) {
-        let rate = match self.plan {
-            Some((r, u)) if now < u => r.max(rate),
-            _ => rate,
+        let (rate, until) = match self.plan {
+            Some((r, u)) if now < u => (r.max(rate), u.max(until)),
+            _ => {
+                self.plan_overloaded = false;
+                (rate, until)
+            }
         };
-        self.plan = Some((rate.max(self.p.min_rate), until));
+        self.plan = Some((rate.clamp(self.p.min_rate, self.p.max_rate), until));
     }
 
     /// Adds the tokens accrued since the last call.
@@ -244,6 +259,14 @@ impl NodePacer {
             (Some(m), Some(b)) => m > b * self.p.latency_tolerance,
             _ => false,
         };
+        if self.overloads > 0 && !self.plan_overloaded {
+            if let Some(r) = self.planned(now) {
+                // The plan asked too much of the node: cut from the plan.
+                self.plan_overloaded = true;
+                self.rate = r;
+                self.limited = true;
+            }
+        }
         if (self.overloads > 0 || slow) && now >= self.calm_until {
             // Back to what the node delivered (its completions in the
             // interval), which under overload is what it can take.
@@ -399,9 +422,13 @@ impl Pacer {
         self.state(node).rate()
     }
 
-    /// A fixed window's plan for `node`: no faster than `rate` until `until`.
+    /// A fixed window's plan for `node`: logins of moved users at `rate`
+    /// until the window ends at `until`, and for as long after it as their
+    /// slots are remembered, so that the stragglers (clients that ignored
+    /// their hint, refused logins) come back at the plan's rate too.
     pub fn plan(&self, node: NodeId, rate: f64, until: Instant) {
-        self.state(node).plan(Instant::now(), rate, until);
+        self.state(node)
+            .plan(Instant::now(), rate, until + self.slot_grace);
     }
 
     /// Logins waiting for a token at `node` now.
@@ -817,6 +844,50 @@ mod tests {
             after += p.take(t0 + Duration::from_millis(ms), 10_000);
         }
         assert!(after > 50, "{after} in the second after the window");
+    }
+
+    #[test]
+    fn a_fixed_windows_plan_is_kept_when_only_the_latency_grows() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(params(), t0);
+        p.plan(t0, 100.0, t0 + Duration::from_secs(20));
+        let mut got = 0;
+        for ms in (5..=10_000).step_by(5) {
+            let now = t0 + Duration::from_millis(ms);
+            // Latency 4x the unloaded one (over the 3x tolerance) after 2 s.
+            let lat = if ms < 2000 { 0.05 } else { 0.2 };
+            p.observe_latency(now, Duration::from_secs_f64(lat));
+            got += p.take(now, 10_000);
+        }
+        assert!(
+            (995..=1005).contains(&got),
+            "{got} in 10 s at a plan of 100/s"
+        );
+    }
+
+    #[test]
+    fn a_node_refusing_logins_overrules_the_plan() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(params(), t0);
+        p.plan(t0, 100.0, t0 + Duration::from_secs(60));
+        let mut first = 0;
+        for ms in (5..=2_000).step_by(5) {
+            first += p.take(t0 + Duration::from_millis(ms), 10_000);
+        }
+        for ms in (2_005..=4_000).step_by(5) {
+            let now = t0 + Duration::from_millis(ms);
+            p.observe_overload(now);
+            p.take(now, 10_000);
+        }
+        let mut later = 0;
+        for ms in (4_005..=6_000).step_by(5) {
+            later += p.take(t0 + Duration::from_millis(ms), 10_000);
+        }
+        assert!(first >= 199, "{first} in the first 2 s");
+        assert!(
+            later < first / 2,
+            "{later} in 2 s after overloads, {first} before"
+        );
     }
 
     #[test]

@@ -599,7 +599,12 @@ pub fn params_of(config: &Config) -> GroupParams {
         assignment: match config.group.assignment {
             AssignmentMode::Balanced => Assignment::Balanced,
             AssignmentMode::ActiveStandby => Assignment::ActiveStandby,
-            AssignmentMode::None => Assignment::None,
+            // Mode `none` admits the users assigned one by one (the
+            // assignment file, users added at run time), to either node:
+            // their homes move on failover and fallback as balanced ones
+            // do. (The source's "none", nobody assigned, would strand them
+            // on a failed node.)
+            AssignmentMode::None => Assignment::Balanced,
         },
     }
 }
@@ -627,6 +632,14 @@ mod tests {
         assert_eq!(p.assignment, Assignment::ActiveStandby);
         assert_eq!(p.heartbeat_timeout, Duration::from_secs(30));
         assert_eq!(p.critical_service_delay, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn users_assigned_one_by_one_move_with_their_home() {
+        let mut c = config();
+        c.group.assignment = AssignmentMode::None;
+        let p = params_of(&c);
+        assert!(NodeId::ALL.iter().all(|&n| p.assignment.has_users(n)));
     }
 
     struct Driven {

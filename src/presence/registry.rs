@@ -68,7 +68,9 @@ pub struct Slot {
 impl Slot {
     /// Takes what is waiting for the node (cheap when nothing is).
     pub fn take_outbox(&self) -> Vec<Bytes> {
-        if !self.has_out.swap(false, Ordering::AcqRel) {
+        // Looked at for every relayed stanza: a plain load first, the
+        // read-modify-write only when there is something to take.
+        if !self.has_out.load(Ordering::Acquire) || !self.has_out.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         self.nudged.store(false, Ordering::Release);

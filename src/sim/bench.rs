@@ -104,6 +104,62 @@ pub struct BenchProxy {
     dir: std::path::PathBuf,
 }
 
+/// A bench proxy's configuration file, certificate and key in a
+/// directory of their own, and how clients reach it.
+struct BenchConfig {
+    text: String,
+    dir: std::path::PathBuf,
+    tls: super::ClientTls,
+}
+
+impl BenchConfig {
+    /// Balanced assignment in front of `pair`, `node2` added to node 2's
+    /// `[[nodes]]` entry, `admin` and `starttls` as the admin and STARTTLS
+    /// listen addresses (`admin` empty: no admin API) and `tail` (whole
+    /// sections) at the end.
+    fn new(
+        bench: &str,
+        domain: &str,
+        pair: &super::SimPair,
+        node2: &str,
+        listen: (&str, &str),
+        tail: &str,
+    ) -> Result<BenchConfig, String> {
+        let dir = std::env::temp_dir().join(format!("prg-{bench}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let d = crate::tls::dev_certs(&[domain, "localhost"]).map_err(|e| e.to_string())?;
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, &d.chain_pem).map_err(|e| e.to_string())?;
+        std::fs::write(&key, &d.key_pem).map_err(|e| e.to_string())?;
+        let client = crate::tls::client_config_from_der(crate::tls::certs_from_pem(&d.ca_pem))?;
+        let (admin, starttls) = listen;
+        let admin = if admin.is_empty() {
+            "enabled = false".to_string()
+        } else {
+            format!("listen = \"{admin}\"")
+        };
+        let text = format!(
+            "[group]\nname = \"{bench}\"\nhigh_availability = true\nassignment = \"balanced\"\n\
+             domains = [\"{domain}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
+             [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n{node2}\n\n\
+             [admin]\n{admin}\n\n[listen]\nstarttls = \"{starttls}\"\n\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n{tail}",
+            pair.nodes[0].addr(),
+            pair.nodes[1].addr(),
+            cert.display(),
+            key.display(),
+        );
+        Ok(BenchConfig {
+            text,
+            dir,
+            tls: super::ClientTls::StartTls {
+                config: client,
+                server_name: domain.into(),
+            },
+        })
+    }
+}
+
 impl BenchProxy {
     /// Starts a proxy named `bench` in front of `pair`, with `node2` added
     /// to node 2's `[[nodes]]` entry and `tail` (whole sections) at the end
@@ -115,25 +171,8 @@ impl BenchProxy {
         node2: &str,
         tail: &str,
     ) -> Result<BenchProxy, String> {
-        let dir = std::env::temp_dir().join(format!("prg-{bench}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let d = crate::tls::dev_certs(&[domain, "localhost"]).map_err(|e| e.to_string())?;
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert, &d.chain_pem).map_err(|e| e.to_string())?;
-        std::fs::write(&key, &d.key_pem).map_err(|e| e.to_string())?;
-        let client = crate::tls::client_config_from_der(crate::tls::certs_from_pem(&d.ca_pem))?;
-        let text = format!(
-            "[group]\nname = \"{bench}\"\nhigh_availability = true\nassignment = \"balanced\"\n\
-             domains = [\"{domain}\"]\n\n[[nodes]]\nname = \"imp1\"\naddress = \"{}\"\n\n\
-             [[nodes]]\nname = \"imp2\"\naddress = \"{}\"\n{node2}\n\n\
-             [admin]\nenabled = false\n\n[listen]\nstarttls = \"127.0.0.1:0\"\n\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n{tail}",
-            pair.nodes[0].addr(),
-            pair.nodes[1].addr(),
-            cert.display(),
-            key.display(),
-        );
-        let config = crate::Config::parse(&text).map_err(|e| format!("{e}\n{text}"))?;
+        let c = BenchConfig::new(bench, domain, pair, node2, ("", "127.0.0.1:0"), tail)?;
+        let config = crate::Config::parse(&c.text).map_err(|e| format!("{e}\n{}", c.text))?;
         let proxy = crate::Proxy::bind(config)
             .await
             .map_err(|e| e.to_string())?;
@@ -156,13 +195,10 @@ impl BenchProxy {
         Ok(BenchProxy {
             addr,
             view,
-            tls: super::ClientTls::StartTls {
-                config: client,
-                server_name: domain.into(),
-            },
+            tls: c.tls,
             stop: Some(stop),
             task,
-            dir,
+            dir: c.dir,
         })
     }
 
@@ -172,6 +208,124 @@ impl BenchProxy {
             let _ = s.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.task).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback port free now (for a child process's configuration; the
+/// benches only, where a rare collision just fails the run).
+fn free_port() -> Result<std::net::SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// The same proxy as [`BenchProxy`], run as the real `prg-proxy` binary in
+/// a process of its own, so that the bench process keeps its descriptors
+/// for clients and nodes (each proxied session costs the proxy two). Its
+/// counters come from the admin API's `/metrics`.
+pub struct BenchProxyProcess {
+    /// The STARTTLS listener.
+    pub addr: std::net::SocketAddr,
+    /// The admin API.
+    pub admin: std::net::SocketAddr,
+    /// How the bench's clients reach it.
+    pub tls: super::ClientTls,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl BenchProxyProcess {
+    /// Runs `bin run --config …` with the configuration of
+    /// [`BenchProxy::start`]; returns once the group is Normal.
+    pub async fn spawn(
+        bin: &std::path::Path,
+        bench: &str,
+        domain: &str,
+        pair: &super::SimPair,
+        node2: &str,
+        tail: &str,
+    ) -> Result<BenchProxyProcess, String> {
+        let (addr, admin) = (free_port()?, free_port()?);
+        let c = BenchConfig::new(
+            bench,
+            domain,
+            pair,
+            node2,
+            (&admin.to_string(), &addr.to_string()),
+            tail,
+        )?;
+        let file = c.dir.join("prg-proxy.toml");
+        std::fs::write(&file, &c.text).map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let p = BenchProxyProcess {
+            addr,
+            admin,
+            tls: c.tls,
+            child,
+            dir: c.dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(m) = p.metrics().await {
+                let serving = |n: &str| {
+                    m.iter().any(|(k, v)| {
+                        k.starts_with("prg_proxy_node_state{")
+                            && k.contains(&format!("node=\"{n}\""))
+                            && k.contains("state=\"Normal\"")
+                            && *v == 1.0
+                    })
+                };
+                if serving("imp1") && serving("imp2") {
+                    return Ok(p);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("proxy process: group not Normal within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every sample of the admin API's `/metrics`, as (name with labels,
+    /// value).
+    pub async fn metrics(&self) -> Result<Vec<(String, f64)>, String> {
+        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// One sample's value (exact name with labels), 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .ok()
+            .and_then(|m| m.into_iter().find(|(k, _)| k == name).map(|(_, v)| v))
+            .unwrap_or(0.0)
+    }
+
+    /// Stops the proxy (SIGTERM's drain is not waited for) and removes its
+    /// files.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

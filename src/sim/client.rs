@@ -221,6 +221,8 @@ pub struct SimClient {
     jid: Option<String>,
     next_id: u64,
     closed: bool,
+    /// The server sent `</stream:stream>`.
+    stream_closed: bool,
     local: Option<SocketAddr>,
 }
 
@@ -271,6 +273,7 @@ impl SimClient {
             jid: None,
             next_id: 1,
             closed: false,
+            stream_closed: false,
         };
         match tls {
             ClientTls::None => c.open_stream(true).await?,
@@ -756,6 +759,11 @@ impl SimClient {
         self.write(xml.as_bytes()).await
     }
 
+    /// Send bytes that need not be UTF-8 (bad input for tests).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.write(bytes).await
+    }
+
     async fn write(&mut self, b: &[u8]) -> Result<(), ClientError> {
         self.io.write_all(b).await?;
         self.io.flush().await?;
@@ -796,6 +804,18 @@ impl SimClient {
             .map(|_| ())
     }
 
+    /// Whether the server ended its stream with `</stream:stream>`, not
+    /// only the connection.
+    pub fn stream_closed_by_server(&self) -> bool {
+        self.stream_closed
+    }
+
+    /// Bytes received that are not (yet) a whole element: once the
+    /// connection is closed, anything here was cut short.
+    pub fn unframed_bytes(&self) -> usize {
+        self.framer.unframed()
+    }
+
     /// Close the stream and wait (bounded) for the server's close.
     pub async fn close(mut self) -> Result<(), ClientError> {
         self.send_raw("</stream:stream>").await?;
@@ -824,6 +844,7 @@ impl SimClient {
             }
             Frame::StreamClose => {
                 self.closed = true;
+                self.stream_closed = true;
                 Err(ClientError::Closed)
             }
             Frame::StreamOpen(_) => Err(ClientError::Protocol("unexpected stream header".into())),

@@ -87,6 +87,11 @@ impl Framer {
         self.reset();
     }
 
+    /// Buffered bytes that are not whitespace and not yet a complete frame.
+    pub(crate) fn unframed(&self) -> usize {
+        trim(&self.buf).len()
+    }
+
     /// Expect a new stream header (stream restart); keeps buffered bytes.
     pub(crate) fn reset(&mut self) {
         self.depth = 0;

@@ -13,8 +13,9 @@
 //! While scanning it enforces RFC 6120 §11 restricted XML (no DTD, comments,
 //! processing instructions other than the XML declaration, or entity
 //! references other than the five predefined ones), basic well-formedness
-//! (balanced, matching tags; quoted attributes; no `<` in attribute values;
-//! valid UTF-8; no control characters), the stanza size cap, and caps on
+//! (balanced, matching tags; `name='value'` attributes, each name once per
+//! element; no `<` in attribute values; character references to XML
+//! characters only; valid UTF-8; no control characters), the stanza size cap, and caps on
 //! element nesting depth and attributes per element (so that the open-tag
 //! stack and the work per byte stay bounded whatever the input).
 
@@ -100,8 +101,17 @@ enum State {
     Lt,
     /// Reading a start-tag name.
     StartName,
-    /// Inside a start tag, between attributes.
+    /// Inside a start tag, after its name or after a space: an attribute
+    /// name, `>` or `/` may follow.
     InTag,
+    /// Reading an attribute name.
+    AttrName,
+    /// After an attribute name: `=` must follow.
+    BeforeEq,
+    /// After `=`: the quoted value must follow.
+    AfterEq,
+    /// After an attribute value: a space, `>` or `/` must follow.
+    AfterValue,
     /// After `/` in a start tag: `>` must follow.
     EmptyEnd,
     /// Inside an attribute value delimited by this quote.
@@ -149,6 +159,9 @@ pub struct Framer {
     /// Start-tag names of the open elements, as (offset, len) in the frame,
     /// to match end tags. Capacity is kept across frames.
     open: Vec<(u32, u32)>,
+    /// Attribute names of the start tag being read, as (offset, len) in the
+    /// frame, to refuse duplicates (at most `max_attributes` + 1).
+    attr_names: Vec<(u32, u32)>,
     /// Whether the tag being read is an end tag (in `EndName`).
     xml_decl_seen: bool,
 }
@@ -175,6 +188,11 @@ fn name_end(buf: &[u8], mut i: usize, end: usize) -> usize {
     i
 }
 
+/// A byte that may start a name (an element or attribute name).
+fn is_name_start(b: u8) -> bool {
+    is_name_byte(b) && !b.is_ascii_digit() && b != b'-' && b != b'.'
+}
+
 fn is_stream_name(name: &[u8]) -> bool {
     name == b"stream" || name.ends_with(b":stream")
 }
@@ -196,6 +214,7 @@ impl Framer {
             name_len: 0,
             head_end: 0,
             open: Vec::with_capacity(8),
+            attr_names: Vec::with_capacity(8),
             xml_decl_seen: false,
         }
     }
@@ -245,6 +264,7 @@ impl Framer {
         self.name_len = 0;
         self.head_end = 0;
         self.open.clear();
+        self.attr_names.clear();
         self.xml_decl_seen = false;
     }
 
@@ -314,7 +334,7 @@ impl Framer {
                             state = State::Pi;
                             self.mark = i;
                         }
-                        _ if is_name_byte(b) && !b.is_ascii_digit() && b != b'-' && b != b'.' => {
+                        _ if is_name_start(b) => {
                             state = State::StartName;
                             self.mark = i - 1;
                         }
@@ -348,17 +368,18 @@ impl Framer {
                     self.open.push((s as u32, (e - s) as u32));
                     self.depth += 1;
                     self.attrs = 0;
+                    self.attr_names.clear();
                     state = State::InTag;
                 }
                 State::InTag => {
-                    // Attribute names, '=' and spaces need no look: skip to
-                    // the next byte that changes state.
-                    if !matches!(b, b'>' | b'/' | b'"' | b'\'' | b'<') {
-                        let end = n.min(self.max_bytes);
+                    if is_space(b) {
                         i += 1;
-                        while i < end && !matches!(buf[i], b'>' | b'/' | b'"' | b'\'' | b'<') {
-                            i += 1;
-                        }
+                        continue;
+                    }
+                    if is_name_start(b) {
+                        self.mark = i;
+                        state = State::AttrName;
+                        i = name_end(buf, i + 1, n.min(self.max_bytes));
                         continue;
                     }
                     i += 1;
@@ -377,17 +398,58 @@ impl Framer {
                             state = State::Text;
                         }
                         b'/' => state = State::EmptyEnd,
-                        b'"' | b'\'' => {
-                            self.attrs += 1;
-                            if self.attrs > self.max_attributes {
-                                return Err(FrameError::TooManyAttributes {
-                                    limit: self.max_attributes,
-                                });
-                            }
-                            state = State::AttrValue(b)
-                        }
                         b'<' => return Err(FrameError::NotWellFormed("'<' inside a tag")),
-                        _ => {}
+                        _ => return Err(FrameError::NotWellFormed("bad character in a tag")),
+                    }
+                }
+                State::AttrName => {
+                    if is_name_byte(b) {
+                        i = name_end(buf, i + 1, n.min(self.max_bytes));
+                        continue;
+                    }
+                    let name = &buf[self.mark..i];
+                    let duplicate = self
+                        .attr_names
+                        .iter()
+                        .any(|&(s, l)| &buf[s as usize..(s + l) as usize] == name);
+                    if duplicate {
+                        return Err(FrameError::NotWellFormed("duplicate attribute"));
+                    }
+                    self.attr_names
+                        .push((self.mark as u32, (i - self.mark) as u32));
+                    state = State::BeforeEq;
+                }
+                State::BeforeEq => {
+                    i += 1;
+                    if b == b'=' {
+                        state = State::AfterEq;
+                    } else if !is_space(b) {
+                        return Err(FrameError::NotWellFormed("attribute without a value"));
+                    }
+                }
+                State::AfterEq => {
+                    i += 1;
+                    if b == b'"' || b == b'\'' {
+                        self.attrs += 1;
+                        if self.attrs > self.max_attributes {
+                            return Err(FrameError::TooManyAttributes {
+                                limit: self.max_attributes,
+                            });
+                        }
+                        state = State::AttrValue(b);
+                    } else if !is_space(b) {
+                        return Err(FrameError::NotWellFormed("unquoted attribute value"));
+                    }
+                }
+                State::AfterValue => {
+                    // A space, or the end of the tag (handled as in InTag).
+                    if is_space(b) {
+                        i += 1;
+                        state = State::InTag;
+                    } else if b == b'>' || b == b'/' {
+                        state = State::InTag;
+                    } else {
+                        return Err(FrameError::NotWellFormed("no space between attributes"));
                     }
                 }
                 State::EmptyEnd => {
@@ -398,6 +460,12 @@ impl Framer {
                     self.open.pop();
                     self.depth -= 1;
                     if self.depth == 0 {
+                        if self.xml_decl_seen {
+                            // `<?xml …?><stream:stream …/>`: no stream opens.
+                            return Err(FrameError::NotWellFormed(
+                                "XML declaration not followed by a stream header",
+                            ));
+                        }
                         self.head_end = i;
                         check_chars(&buf[..i])?;
                         return Ok(Some(self.done(FrameKind::Stanza, i)));
@@ -416,7 +484,7 @@ impl Framer {
                     i += k + 1;
                     let b = rest[k];
                     if b == q {
-                        state = State::InTag;
+                        state = State::AfterValue;
                     } else if b == b'<' {
                         return Err(FrameError::NotWellFormed("'<' in an attribute value"));
                     } else {
@@ -594,14 +662,23 @@ fn has_control(s: &[u8]) -> bool {
 
 fn check_entity(name: &[u8]) -> Result<(), FrameError> {
     if let Some(num) = name.strip_prefix(b"#") {
-        let ok = match num.strip_prefix(b"x") {
-            Some(hex) => !hex.is_empty() && hex.iter().all(u8::is_ascii_hexdigit),
-            None => !num.is_empty() && num.iter().all(u8::is_ascii_digit),
+        // The digits are at most MAX_ENTITY long: no overflow in a u64.
+        let code = match num.strip_prefix(b"x") {
+            Some(hex) if !hex.is_empty() && hex.iter().all(u8::is_ascii_hexdigit) => {
+                Some(hex.iter().fold(0u64, |n, d| {
+                    n * 16 + (*d as char).to_digit(16).unwrap_or(0) as u64
+                }))
+            }
+            None if !num.is_empty() && num.iter().all(u8::is_ascii_digit) => {
+                Some(num.iter().fold(0u64, |n, d| n * 10 + (d - b'0') as u64))
+            }
+            _ => None,
         };
-        return if ok {
-            Ok(())
-        } else {
-            Err(FrameError::NotWellFormed("bad character reference"))
+        // It must name an XML character (not NUL, a control character, a
+        // surrogate, U+FFFE/U+FFFF or beyond U+10FFFF).
+        return match code {
+            Some(c) if is_xml_char(c) => Ok(()),
+            _ => Err(FrameError::NotWellFormed("bad character reference")),
         };
     }
     if PREDEFINED.contains(&name) {
@@ -613,11 +690,23 @@ fn check_entity(name: &[u8]) -> Result<(), FrameError> {
     }
 }
 
+/// XML 1.0 `Char` (§2.2).
+fn is_xml_char(c: u64) -> bool {
+    matches!(c, 0x9 | 0xA | 0xD | 0x20..=0xD7FF | 0xE000..=0xFFFD | 0x10000..=0x10FFFF)
+}
+
+/// Whether `s` holds U+FFFE or U+FFFF (`EF BF BE` / `EF BF BF`), the two
+/// non-characters XML 1.0 excludes besides control characters.
+fn has_non_character(s: &[u8]) -> bool {
+    memchr::memchr_iter(0xEF, s)
+        .any(|k| s.get(k + 1) == Some(&0xBF) && matches!(s.get(k + 2), Some(0xBE | 0xBF)))
+}
+
 /// Character-level checks of a complete frame: valid UTF-8 and no control
-/// characters. Done once per frame (two vectorised passes) rather than on
+/// characters or U+FFFE / U+FFFF. Done once per frame (two vectorised passes) rather than on
 /// every run of text between markup.
 fn check_chars(bytes: &[u8]) -> Result<(), FrameError> {
-    if has_control(bytes) {
+    if has_control(bytes) || has_non_character(bytes) {
         return Err(FrameError::NotWellFormed("control character"));
     }
     check_utf8(bytes)

@@ -165,6 +165,13 @@ impl TestGroup {
         }
     }
 
+    /// Connects over STARTTLS (stream open, SASL features read).
+    pub async fn client(&self) -> SimClient {
+        SimClient::connect(self.starttls, DOMAIN, self.starttls_tls())
+            .await
+            .unwrap()
+    }
+
     /// Connects over STARTTLS, logs in and binds.
     pub async fn login(&self, user: &str, mech: &str, resource: &str) -> SimClient {
         let mut c = SimClient::connect(self.starttls, DOMAIN, self.starttls_tls())
@@ -183,6 +190,30 @@ impl TestGroup {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
         }
+    }
+}
+
+/// A simulated node pair serving [`users`] in [`DOMAIN`].
+pub async fn sim_pair() -> SimPair {
+    SimPair::start(
+        SimNodeConfig::new("imp1", DOMAIN, users()),
+        SimNodeConfig::new("imp2", DOMAIN, users()),
+    )
+    .await
+    .unwrap()
+}
+
+/// The stream error condition of `r`, checked against `want`; its raw XML.
+pub fn stream_error<T: std::fmt::Debug>(
+    r: Result<T, prg_proxy::sim::ClientError>,
+    want: &str,
+) -> String {
+    match r {
+        Err(prg_proxy::sim::ClientError::StreamError { condition, raw, .. }) => {
+            assert_eq!(condition, want, "{raw}");
+            raw
+        }
+        other => panic!("expected <{want}/>, got {other:?}"),
     }
 }
 
@@ -207,6 +238,8 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub lines: std::sync::mpsc::Receiver<String>,
+    /// The lines [`ProxyProcess::wait_line`] has read so far.
+    seen: std::cell::RefCell<Vec<String>>,
 }
 
 impl ProxyProcess {
@@ -227,7 +260,93 @@ impl ProxyProcess {
                 let _ = tx.send(line);
             }
         });
-        ProxyProcess { child, lines }
+        ProxyProcess {
+            child,
+            lines,
+            seen: Default::default(),
+        }
+    }
+}
+
+impl ProxyProcess {
+    /// The binary in front of `pair` (balanced, STARTTLS listener only,
+    /// `extra` appended to the configuration), started once it listens:
+    /// the process, its STARTTLS address and its configuration file.
+    pub fn in_front_of(
+        pair: &SimPair,
+        certs: &Certs,
+        extra: &str,
+    ) -> (ProxyProcess, SocketAddr, std::path::PathBuf) {
+        let text = config_text(
+            &[pair.nodes[0].addr(), pair.nodes[1].addr()],
+            "balanced",
+            certs,
+            extra,
+        )
+        .replace("direct_tls = \"127.0.0.1:0\"\n", "");
+        let path = certs.dir.path().join("proxy.toml");
+        std::fs::write(&path, &text).unwrap();
+        let proxy = ProxyProcess::spawn(&[], &path, "info");
+        let addr = proxy.wait_addr("listening");
+        (proxy, addr, path)
+    }
+
+    /// The next log line containing `needle`, waiting 20 s at most.
+    pub fn wait_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.borrow_mut().push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(e) => panic!("no log line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// The address (`addr=`) in the first log line containing `needle`,
+    /// read already or waited for.
+    pub fn wait_addr(&self, needle: &str) -> SocketAddr {
+        let earlier = self
+            .seen
+            .borrow()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned();
+        let line = earlier.unwrap_or_else(|| self.wait_line(needle));
+        line.split("addr=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Sends `sig` (`TERM`, `HUP`, …) to the process.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig}");
+    }
+
+    /// Waits up to `within` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the proxy did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -179,7 +179,7 @@ fn restricted_xml_is_refused() {
 
 #[test]
 fn predefined_entities_cdata_and_char_refs_are_fine() {
-    let input = stream("<message><body>&lt;&gt;&amp;&quot;&apos; &#10; &#x41; <![CDATA[a <b> ]] c]]></body></message>");
+    let input = stream("<message><body>&lt;&gt;&amp;&quot;&apos; &#10; &#x41; <![CDATA[a <b> ]] c]]></body><x a = '&#x10FFFF;' b='&#9;' /></message>");
     let frames = frame_all(&input, 262_144).unwrap();
     assert_eq!(frames.len(), 2);
 }
@@ -198,6 +198,18 @@ fn malformed_xml_is_refused() {
         "<message><body>&#xZZ;</body></message>",
         "<message><body>\u{1}</body></message>",
         "<1abc/>",
+        "<message to/>",
+        "<message to='a'type='b'/>",
+        "<message ='x'/>",
+        "<message to=='x'/>",
+        "<message \"x\"/>",
+        "<presence type='unavailable' type='available'/>",
+        "<message><body>&#0;</body></message>",
+        "<message><body>&#x1b;</body></message>",
+        "<message><body>&#xD800;</body></message>",
+        "<message a='&#x110000;'/>",
+        "<message><body>&#99999999999;</body></message>",
+        "<message><body>\u{FFFE}</body></message>",
     ];
     for c in cases {
         let e = first_error(&stream(c), 262_144);
@@ -208,6 +220,11 @@ fn malformed_xml_is_refused() {
     bad.extend_from_slice(b"</body></message>");
     assert!(matches!(
         first_error(&bad, 1000),
+        FrameError::NotWellFormed(_)
+    ));
+    // An XML declaration before an empty stream element: no stream opens.
+    assert!(matches!(
+        first_error(b"<?xml version='1.0'?><stream:stream/>", 1000),
         FrameError::NotWellFormed(_)
     ));
     // A stanza before any stream header.
