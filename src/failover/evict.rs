@@ -124,8 +124,14 @@ fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
     let mut users: Vec<String> = Vec::new();
     let mut conns: Vec<(usize, crate::control::ConnHandle)> = Vec::new();
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for (conn, jid) in tracker.sessions_on(from) {
-        let Some(user) = tracker.summary(&jid) else {
+    let sessions = tracker.sessions_on(from);
+    let jids: Vec<&str> = sessions.iter().map(|(_, j)| &**j).collect();
+    // One batch read: the users' slots are fetched together.
+    let mut summaries = vec![None; jids.len()];
+    tracker.summaries(&jids, &mut summaries);
+    for ((conn, jid), user) in sessions.iter().zip(summaries) {
+        let (conn, jid): (_, &str) = (*conn, jid);
+        let Some(user) = user else {
             continue;
         };
         if user.home != m.users_of {
@@ -134,7 +140,7 @@ fn evict(ctx: &FailoverContext, m: &Move, token: &DoneToken) -> usize {
         let Some(h) = tracker.handle_of(conn) else {
             continue;
         };
-        let bare = jid.split_once('/').map_or(&*jid, |(b, _)| b).to_owned();
+        let bare = jid.split_once('/').map_or(jid, |(b, _)| b).to_owned();
         let next = users.len();
         let i = *index.entry(bare.clone()).or_insert(next);
         if i == next {

@@ -4,67 +4,11 @@
 //! UsernameCaseMapped localpart, IDNA domainpart): that normalisation is
 //! what makes two spellings of one user the same key, Unicode case
 //! included. On top of it the hash folds ASCII case eight bytes at a time
-//! and equality uses `eq_ignore_ascii_case`, and stored keys are
-//! ASCII-lower-cased once, at insert, inline when short. For a normalised
+//! and the slot keeps the key's first 32 bytes ASCII-lower-cased
+//! ([`folded_words`]), compared word by word. For a normalised
 //! key that folding changes nothing; it is only a cheap extra that keeps a
 //! probe with a stray ASCII capital (a caller that skipped normalisation)
 //! on the right entry without allocating. It does not fold non-ASCII case.
-
-/// Longest key kept inline: `SmallStr` is then 32 bytes, half a cache line,
-/// and most bare JIDs (`jsmith@example.com`) fit.
-const INLINE: usize = 30;
-
-/// A short string stored inline, a long one on the heap.
-#[derive(Clone)]
-pub(crate) enum SmallStr {
-    /// Up to [`INLINE`] bytes, no allocation.
-    Inline {
-        /// Used bytes of `bytes`.
-        len: u8,
-        /// The text, zero-padded.
-        bytes: [u8; INLINE],
-    },
-    /// Anything longer.
-    Heap(Box<str>),
-}
-
-impl SmallStr {
-    /// `s`, ASCII-lower-cased: `s` is a bare JID normalised by
-    /// [`crate::jid`], which this leaves unchanged.
-    pub(crate) fn lowercase(s: &str) -> SmallStr {
-        if s.len() <= INLINE {
-            let mut bytes = [0u8; INLINE];
-            for (d, b) in bytes.iter_mut().zip(s.bytes()) {
-                *d = b.to_ascii_lowercase();
-            }
-            SmallStr::Inline {
-                len: s.len() as u8,
-                bytes,
-            }
-        } else {
-            SmallStr::Heap(s.to_ascii_lowercase().into_boxed_str())
-        }
-    }
-
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        match self {
-            SmallStr::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            SmallStr::Heap(b) => b.as_bytes(),
-        }
-    }
-
-    /// Whether `other` names the same key, ignoring ASCII case.
-    pub(crate) fn matches(&self, other: &[u8]) -> bool {
-        let me = self.as_bytes();
-        me.len() == other.len() && me.eq_ignore_ascii_case(other)
-    }
-}
-
-impl std::fmt::Debug for SmallStr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
-    }
-}
 
 const K1: u64 = 0x9e37_79b9_7f4a_7c15;
 const K2: u64 = 0xa076_1d64_78bd_642f;
@@ -112,6 +56,19 @@ pub(crate) fn hash_folded(seed: u64, bytes: &[u8]) -> u64 {
     fold_mul(h, K1)
 }
 
+/// The first 32 bytes of `bytes`, ASCII-lower-cased, zero-padded, as four
+/// little-endian words (how a user slot stores its key).
+#[inline]
+pub(crate) fn folded_words(bytes: &[u8]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    for (o, c) in out.iter_mut().zip(bytes.chunks(8)) {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        *o = lower8(u64::from_le_bytes(w));
+    }
+    out
+}
+
 /// Hash of a connection id (sequential numbers spread over all bits).
 #[inline]
 pub(crate) fn hash_conn(seed: u64, conn: u64) -> u64 {
@@ -153,15 +110,17 @@ mod tests {
     }
 
     #[test]
-    fn small_strings() {
-        let short = SmallStr::lowercase("Bob@Example.com");
-        assert!(matches!(short, SmallStr::Inline { .. }));
-        assert_eq!(short.as_bytes(), b"bob@example.com");
-        assert!(short.matches(b"BOB@example.COM"));
-        assert!(!short.matches(b"bob@example.co"));
-        let long = SmallStr::lowercase("A-Very-Long-Localpart@conference.example.com");
-        assert!(matches!(long, SmallStr::Heap(_)));
-        assert!(long.matches(b"a-very-long-localpart@conference.example.com"));
-        assert_eq!(std::mem::size_of::<SmallStr>(), 32);
+    fn folded_words_ignore_ascii_case_and_pad() {
+        assert_eq!(
+            folded_words(b"Bob@Example.com"),
+            folded_words(b"bob@example.COM")
+        );
+        assert_ne!(
+            folded_words(b"bob@example.com"),
+            folded_words(b"bob@example.co")
+        );
+        let long = b"a-very-long-localpart@conference.example.com";
+        assert_eq!(folded_words(long), folded_words(&long[..32]));
+        assert_eq!(folded_words(b"")[0], 0);
     }
 }

@@ -7,22 +7,26 @@
 //! to the node's own sessions, and per-node counters are O(1).
 //!
 //! Every stanza of every user passes here, so the layout is chosen for
-//! speed and size: sharded `RwLock`s over `hashbrown` tables of small
-//! slots (key, routing and what a read needs; sessions out of line), bare
-//! JIDs kept inline when short and hashed case-insensitively without
-//! allocating (see [`key`]).
+//! speed and size: one 64-byte slot per user with what a read needs (key
+//! hash and first 32 key bytes, home, serving node, session count,
+//! availability) and its version counter, read without locks ([`slots`]);
+//! sessions out of line, per connection shard and per node
+//! ([`sessions`]); keys hashed case-insensitively without allocating
+//! ([`key`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hashbrown::HashTable;
 use parking_lot::RwLock;
 use tokio::time::Instant;
 
 use crate::node::{NodeId, PAIR};
 
 mod key;
-use key::SmallStr;
+mod sessions;
+mod slots;
+use sessions::{ConnShard, SessionSlot};
+use slots::{Meta, Probe};
 
 pub use crate::control::{ConnHandle, ConnId};
 
@@ -146,8 +150,11 @@ pub struct Summary {
 
 /// Shards per map: a power of two well above the core count, so that two
 /// writers rarely meet on one lock and a shard's table stays small enough
-/// to resize without a visible pause.
+/// to rebuild without a visible pause.
 const SHARDS: usize = 64;
+
+/// Reads of a batch started together (their cache misses overlap).
+const BATCH: usize = 16;
 
 /// Keeps a lock (and the table header beside it) on its own cache lines so
 /// that threads working on neighbouring shards do not invalidate each
@@ -156,152 +163,32 @@ const SHARDS: usize = 64;
 #[derive(Default)]
 struct Padded<T>(T);
 
-/// One bound session as stored: the public [`Session`] without the node
-/// being a `usize` and with nothing the user slot already holds.
-#[derive(Debug)]
-struct SessionSlot {
-    full_jid: Arc<str>,
-    conn: ConnId,
-    handle: ConnHandle,
-    bound_at: Instant,
-    presence: Presence,
-    node: u8,
-}
-
-impl SessionSlot {
-    fn to_public(&self) -> Session {
-        Session {
-            full_jid: self.full_jid.clone(),
-            node: node_of(self.node),
-            conn: self.conn,
-            handle: self.handle.clone(),
-            bound_at: self.bound_at,
-            presence: self.presence,
-        }
-    }
-}
-
-/// One user as stored in its shard's table: only what a read needs — key,
-/// routing, session count, availability — so that a slot is 56 bytes and
-/// the table of a million users stays small enough to be mostly cached.
-/// With the sessions inline (176-byte slots) every read was a memory miss;
-/// the sessions now live in [`Cold`], touched by writes and full lookups.
-#[derive(Debug)]
-struct UserSlot {
-    /// Cached hash of the key: resizing and probing never rehash the text.
-    hash: u64,
-    /// Lower-cased bare JID.
-    bare: SmallStr,
-    home: u8,
-    serving: u8,
-    /// Whether any session's last presence is available (kept in step by
-    /// every update, so a read need not visit the sessions).
-    available: bool,
-    /// Number of sessions, saturating (kept in step like `available`).
-    count: u16,
-    cold: Box<Cold>,
-}
-
-/// The sessions of a user (and what later issues attach to the user).
-#[derive(Debug)]
-struct Cold {
-    /// Never empty while the slot exists.
-    first: SessionSlot,
-    /// Further sessions (multi-device users); empty costs no allocation.
-    more: Vec<SessionSlot>,
-    /// Temp-presence placeholder; boxed because almost nobody has any.
-    temp: Option<Box<[Arc<str>]>>,
-}
-
-impl UserSlot {
-    fn new(hash: u64, bare: &str, home: u8, serving: u8, first: SessionSlot) -> UserSlot {
-        UserSlot {
-            hash,
-            bare: SmallStr::lowercase(bare),
-            home,
-            serving,
-            available: false,
-            count: 1,
-            cold: Box::new(Cold {
-                first,
-                more: Vec::new(),
-                temp: None,
-            }),
-        }
-    }
-
-    fn sessions(&self) -> impl Iterator<Item = &SessionSlot> {
-        std::iter::once(&self.cold.first).chain(self.cold.more.iter())
-    }
-
-    fn session_mut(&mut self, conn: ConnId) -> Option<&mut SessionSlot> {
-        let c = &mut *self.cold;
-        if c.first.conn == conn {
-            return Some(&mut c.first);
-        }
-        c.more.iter_mut().find(|s| s.conn == conn)
-    }
-
-    fn has(&self, conn: ConnId) -> bool {
-        self.sessions().any(|s| s.conn == conn)
-    }
-
-    fn push(&mut self, s: SessionSlot) {
-        self.cold.more.push(s);
-        self.refresh();
-    }
-
-    /// Refreshes the cached read fields after the sessions changed.
-    fn refresh(&mut self) {
-        let available = self.sessions().any(|s| s.presence.available);
-        self.available = available;
-        self.count = u16::try_from(1 + self.cold.more.len()).unwrap_or(u16::MAX);
-    }
-
-    /// Removes the session of `conn`; returns whether the slot is now empty.
-    fn remove(&mut self, conn: ConnId) -> bool {
-        let c = &mut *self.cold;
-        if c.first.conn == conn {
-            match c.more.pop() {
-                Some(s) => c.first = s,
-                None => return true,
-            }
-        } else {
-            c.more.retain(|s| s.conn != conn);
-        }
-        self.refresh();
-        false
-    }
-}
-
-/// Where a connection's session is: enough to find its user slot again
-/// (by hash, then by connection) without storing the key twice.
-#[derive(Debug)]
-struct ConnSlot {
-    conn: ConnId,
-    user_hash: u64,
-    node: u8,
-    full_jid: Arc<str>,
-}
-
-/// A shard of the connection index: connection → session, and per node the
-/// connections bound there, under one lock so a bind or close takes it once.
-#[derive(Default)]
-struct ConnShard {
-    by_conn: HashTable<ConnSlot>,
-    on_node: [HashTable<ConnId>; PAIR],
+/// How the tracker's memory is split (see [`Tracker::memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemorySplit {
+    /// User slots (64 bytes each, including free ones).
+    pub user_slots: usize,
+    /// Session vectors and their connection indexes (capacity included).
+    pub sessions: usize,
+    /// Connection lists of users with more than one session.
+    pub extra: usize,
+    /// Full JID strings (`Arc<str>`: 16 bytes of counts plus the text).
+    pub jids: usize,
 }
 
 /// The session tracker.
 ///
-/// Two sharded maps: users by bare JID (holding the sessions) and
-/// connections by id (pointing back at the user, plus the per-node index).
-/// Shards are `parking_lot::RwLock`s over `hashbrown` tables; see
-/// `benches/README.md` for the numbers that chose this over `DashMap`.
+/// Users live in [`slots`]: one 64-byte slot per user with what a read
+/// needs, read without locks under a per-slot version counter, written
+/// under a per-shard mutex. Sessions live in [`sessions`], sharded by
+/// connection and split per node. Lock order: a user shard's mutex, then
+/// a connection shard's lock, never the other way.
 pub struct Tracker {
     /// Keys the hashes (random per tracker).
     seed: u64,
-    users: Box<[Padded<RwLock<HashTable<UserSlot>>>]>,
+    /// Bind times are kept as nanoseconds from here.
+    epoch: Instant,
+    users: Box<[Padded<slots::Shard>]>,
     conns: Box<[Padded<RwLock<ConnShard>>]>,
     /// Sessions per node, O(1) to read.
     counts: [Padded<AtomicUsize>; PAIR],
@@ -327,8 +214,9 @@ impl std::fmt::Debug for Tracker {
     }
 }
 
-/// Picks a shard from hash bits that hashbrown does not use inside the
-/// shard (it takes the low bits for the bucket and the top seven as tag).
+/// Picks a shard from hash bits that neither table uses inside the shard
+/// (user slots take the high bits, hashbrown the low bits and the top
+/// seven).
 #[inline]
 fn shard_of(hash: u64) -> usize {
     (hash >> 40) as usize & (SHARDS - 1)
@@ -343,11 +231,21 @@ fn node_of(v: u8) -> NodeId {
     NodeId::from_index(usize::from(v)).unwrap_or(NodeId::Node1)
 }
 
+fn summary_of(m: Meta) -> Summary {
+    Summary {
+        home: node_of(m.home),
+        serving: node_of(m.serving),
+        sessions: m.count as usize,
+        available: m.available,
+    }
+}
+
 impl Tracker {
     /// An empty tracker.
     pub fn new() -> Self {
         Tracker {
             seed: rand::random(),
+            epoch: Instant::now(),
             users: (0..SHARDS).map(|_| Padded::default()).collect(),
             conns: (0..SHARDS).map(|_| Padded::default()).collect(),
             counts: Default::default(),
@@ -355,13 +253,47 @@ impl Tracker {
         }
     }
 
-    fn user_hash(&self, bare: &str) -> u64 {
-        key::hash_folded(self.seed, bare.as_bytes())
+    fn probe(&self, jid: &str) -> Probe {
+        Probe::new(self.seed, bare_of(jid).as_bytes())
+    }
+
+    fn user_shard(&self, hash: u64) -> &slots::Shard {
+        &self.users[shard_of(hash)].0
+    }
+
+    fn conn_hash(&self, conn: ConnId) -> u64 {
+        key::hash_conn(self.seed, conn)
     }
 
     fn conn_shard(&self, conn: ConnId) -> (u64, &RwLock<ConnShard>) {
-        let h = key::hash_conn(self.seed, conn);
+        let h = self.conn_hash(conn);
         (h, &self.conns[shard_of(h)].0)
+    }
+
+    /// Whether the session on `conn` belongs to the bare JID `bare`: how a
+    /// long key (only its first 32 bytes are in the slot) is confirmed.
+    fn session_is_of(&self, conn: ConnId, bare: &str) -> bool {
+        let (ch, shard) = self.conn_shard(conn);
+        let cs = shard.read();
+        cs.get(ch, conn)
+            .is_some_and(|(_, s)| bare_of(&s.full_jid).eq_ignore_ascii_case(bare))
+    }
+
+    /// The user hash of the session on `conn`, if bound.
+    fn user_hash_of(&self, conn: ConnId) -> Option<u64> {
+        let (ch, shard) = self.conn_shard(conn);
+        let cs = shard.read();
+        let (_, s) = cs.get(ch, conn)?;
+        Some(self.probe(&s.full_jid).hash)
+    }
+
+    /// Whether any of `conns` has sent available presence.
+    fn any_available(&self, conns: &[ConnId]) -> bool {
+        conns.iter().any(|&c| {
+            let (ch, shard) = self.conn_shard(c);
+            let cs = shard.read();
+            cs.get(ch, c).is_some_and(|(_, s)| s.presence.available)
+        })
     }
 
     /// A resource was bound: `full_jid` on `node` over connection `conn`.
@@ -376,55 +308,56 @@ impl Tracker {
         // A connection binds one resource; a second bind replaces it.
         self.on_close(conn);
         let bare = bare_of(full_jid);
-        let uh = self.user_hash(bare);
-        let full: Arc<str> = Arc::from(full_jid);
+        let p = self.probe(full_jid);
         let session = SessionSlot {
-            full_jid: full.clone(),
+            full_jid: Arc::from(full_jid),
             conn,
             handle,
-            bound_at: Instant::now(),
+            bound_ns: u64::try_from(
+                Instant::now()
+                    .saturating_duration_since(self.epoch)
+                    .as_nanos(),
+            )
+            .unwrap_or(u64::MAX),
             presence: Presence::default(),
-            node: node_u8(node),
         };
-        {
-            let mut users = self.users[shard_of(uh)].0.write();
-            match users.find_mut(uh, |u| u.hash == uh && u.bare.matches(bare.as_bytes())) {
-                Some(u) => {
-                    u.home = node_u8(home);
-                    u.serving = node_u8(node);
-                    u.push(session);
-                }
-                None => {
-                    users.insert_unique(
-                        uh,
-                        UserSlot::new(uh, bare, node_u8(home), node_u8(node), session),
-                        |u| u.hash,
-                    );
-                    self.user_total.0.fetch_add(1, Ordering::Relaxed);
-                }
+        let mut l = self.user_shard(p.hash).lock();
+        match l.find(&p, |first| self.session_is_of(first, bare)) {
+            Some(i) => {
+                let m = l.meta(i);
+                let first = l.first(i);
+                l.w.extra.entry(first).or_default().push(conn);
+                l.set(
+                    i,
+                    Meta {
+                        home: node_u8(home),
+                        serving: node_u8(node),
+                        available: m.available,
+                        count: m.count.saturating_add(1),
+                    },
+                    first,
+                );
+            }
+            None => {
+                l.insert(
+                    &p,
+                    Meta {
+                        home: node_u8(home),
+                        serving: node_u8(node),
+                        available: false,
+                        count: 1,
+                    },
+                    conn,
+                );
+                self.user_total.0.fetch_add(1, Ordering::Relaxed);
             }
         }
         let (ch, shard) = self.conn_shard(conn);
-        let mut cs = shard.write();
-        cs.by_conn.insert_unique(
-            ch,
-            ConnSlot {
-                conn,
-                user_hash: uh,
-                node: node_u8(node),
-                full_jid: full,
-            },
-            |c| key::hash_conn(self.seed, c.conn),
-        );
-        cs.on_node[node.index()].insert_unique(ch, conn, |c| key::hash_conn(self.seed, *c));
+        shard
+            .write()
+            .insert(ch, node.index(), session, |c| self.conn_hash(c));
+        drop(l);
         self.counts[node.index()].0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The bare JID's hash of the session on `conn`, if bound.
-    fn user_hash_of(&self, conn: ConnId) -> Option<u64> {
-        let (ch, shard) = self.conn_shard(conn);
-        let cs = shard.read();
-        cs.by_conn.find(ch, |c| c.conn == conn).map(|c| c.user_hash)
     }
 
     /// The client on `conn` sent broadcast presence.
@@ -432,55 +365,88 @@ impl Tracker {
         let Some(uh) = self.user_hash_of(conn) else {
             return;
         };
-        let mut users = self.users[shard_of(uh)].0.write();
-        if let Some(u) = users.find_mut(uh, |u| u.hash == uh && u.has(conn)) {
-            if let Some(s) = u.session_mut(conn) {
-                s.presence = presence;
-            }
-            u.refresh();
+        let mut l = self.user_shard(uh).lock();
+        let (ch, shard) = self.conn_shard(conn);
+        match shard.write().get_mut(ch, conn) {
+            Some(s) => s.presence = presence,
+            None => return,
+        }
+        let Some(i) = l.find_by_conn(uh, conn) else {
+            return;
+        };
+        let m = l.meta(i);
+        let available = if m.count <= 1 {
+            presence.available
+        } else {
+            self.any_available(&l.conns(i))
+        };
+        if available != m.available {
+            let first = l.first(i);
+            l.set(i, Meta { available, ..m }, first);
         }
     }
 
     /// The connection ended: its session (if any) is gone.
     pub fn on_close(&self, conn: ConnId) {
-        let (ch, shard) = self.conn_shard(conn);
-        let slot = {
-            let mut cs = shard.write();
-            let Ok(e) = cs.by_conn.find_entry(ch, |c| c.conn == conn) else {
-                return;
-            };
-            let (slot, _) = e.remove();
-            let node = usize::from(slot.node);
-            if let Some(idx) = cs.on_node.get_mut(node) {
-                if let Ok(e) = idx.find_entry(ch, |c| *c == conn) {
-                    e.remove();
-                    self.counts[node].0.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            slot
+        let Some(uh) = self.user_hash_of(conn) else {
+            return;
         };
-        let uh = slot.user_hash;
-        let mut users = self.users[shard_of(uh)].0.write();
-        if let Ok(mut e) = users.find_entry(uh, |u| u.hash == uh && u.has(conn)) {
-            if e.get_mut().remove(conn) {
-                e.remove();
-                self.user_total.0.fetch_sub(1, Ordering::Relaxed);
+        let mut l = self.user_shard(uh).lock();
+        let (ch, shard) = self.conn_shard(conn);
+        let Some((node, _gone)) = shard.write().remove(ch, conn, |c| self.conn_hash(c)) else {
+            return;
+        };
+        self.counts[node].0.fetch_sub(1, Ordering::Relaxed);
+        let Some(i) = l.find_by_conn(uh, conn) else {
+            return;
+        };
+        let m = l.meta(i);
+        if m.count <= 1 {
+            l.remove(i);
+            self.user_total.0.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let mut first = l.first(i);
+        if first == conn {
+            // Another session becomes the first; its list moves with it.
+            let mut more = l.w.extra.remove(&conn).unwrap_or_default();
+            first = more.pop().unwrap_or(conn);
+            if !more.is_empty() {
+                l.w.extra.insert(first, more);
+            }
+        } else if let Some(more) = l.w.extra.get_mut(&first) {
+            more.retain(|&c| c != conn);
+            if more.is_empty() {
+                l.w.extra.remove(&first);
             }
         }
+        let mut conns = vec![first];
+        if let Some(more) = l.w.extra.get(&first) {
+            conns.extend_from_slice(more);
+        }
+        let available = self.any_available(&conns);
+        l.set(
+            i,
+            Meta {
+                available,
+                count: m.count - 1,
+                ..m
+            },
+            first,
+        );
     }
 
     /// Every session bound on `node`, as (connection, full JID). Visits only
-    /// that node's index: time proportional to the node's own sessions.
+    /// that node's sessions: time proportional to the node's own sessions.
     pub fn sessions_on(&self, node: NodeId) -> Vec<(ConnId, Arc<str>)> {
         let mut out = Vec::with_capacity(self.count_on(node));
         for shard in self.conns.iter() {
             let cs = shard.0.read();
-            for &conn in cs.on_node[node.index()].iter() {
-                let ch = key::hash_conn(self.seed, conn);
-                if let Some(c) = cs.by_conn.find(ch, |c| c.conn == conn) {
-                    out.push((conn, c.full_jid.clone()));
-                }
-            }
+            out.extend(
+                cs.on(node.index())
+                    .iter()
+                    .map(|s| (s.conn, s.full_jid.clone())),
+            );
         }
         out
     }
@@ -490,58 +456,117 @@ impl Tracker {
         self.counts[node.index()].0.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the user's slot under its shard's read lock.
-    fn with_user<R>(&self, jid: &str, f: impl FnOnce(&UserSlot) -> R) -> Option<R> {
-        let bare = bare_of(jid);
-        let uh = self.user_hash(bare);
-        let users = self.users[shard_of(uh)].0.read();
-        users
-            .find(uh, |u| u.hash == uh && u.bare.matches(bare.as_bytes()))
-            .map(f)
-    }
-
     /// A copy of what is tracked for a bare (or full) JID, any ASCII case.
     /// Copies the sessions (one `Vec`); readers that need less use
     /// [`Tracker::summary`], which allocates nothing.
     pub fn lookup(&self, jid: &str) -> Option<User> {
-        self.with_user(jid, |u| User {
-            home: node_of(u.home),
-            serving: node_of(u.serving),
-            sessions: u.sessions().map(SessionSlot::to_public).collect(),
-            temp_subscriptions: u
-                .cold
-                .temp
-                .as_deref()
-                .map(<[Arc<str>]>::to_vec)
-                .unwrap_or_default(),
+        let bare = bare_of(jid);
+        let p = self.probe(jid);
+        let l = self.user_shard(p.hash).lock();
+        let i = l.find(&p, |first| self.session_is_of(first, bare))?;
+        let m = l.meta(i);
+        let sessions = l
+            .conns(i)
+            .into_iter()
+            .filter_map(|c| {
+                let (ch, shard) = self.conn_shard(c);
+                let cs = shard.read();
+                cs.get(ch, c).map(|(n, s)| Session {
+                    full_jid: s.full_jid.clone(),
+                    node: NodeId::from_index(n).unwrap_or(NodeId::Node1),
+                    conn: s.conn,
+                    handle: s.handle.clone(),
+                    bound_at: self.epoch + std::time::Duration::from_nanos(s.bound_ns),
+                    presence: s.presence,
+                })
+            })
+            .collect();
+        Some(User {
+            home: node_of(m.home),
+            serving: node_of(m.serving),
+            sessions,
+            temp_subscriptions: Vec::new(),
         })
     }
 
-    /// Home, serving node and presence of a user, without allocating.
+    /// Home, serving node and presence of a user, without allocating and
+    /// without taking a lock: one cache line read in the common case.
     pub fn summary(&self, jid: &str) -> Option<Summary> {
-        self.with_user(jid, |u| Summary {
-            home: node_of(u.home),
-            serving: node_of(u.serving),
-            sessions: usize::from(u.count),
-            available: u.available,
-        })
+        self.summary_of(&self.probe(jid), bare_of(jid))
+    }
+
+    fn summary_of(&self, p: &Probe, bare: &str) -> Option<Summary> {
+        let shard = self.user_shard(p.hash);
+        match shard.read(p) {
+            slots::Read::Miss => None,
+            slots::Read::Hit(m) => Some(summary_of(m)),
+            // A long key: confirm under the shard's lock.
+            slots::Read::Unsure => {
+                let l = shard.lock();
+                let i = l.find(p, |first| self.session_is_of(first, bare))?;
+                Some(summary_of(l.meta(i)))
+            }
+        }
+    }
+
+    /// [`Tracker::summary`] of each of `jids` into `out` (same length):
+    /// the reads of a batch start together, so their cache misses overlap
+    /// instead of following one another. Allocates nothing.
+    pub fn summaries<S: AsRef<str>>(&self, jids: &[S], out: &mut [Option<Summary>]) {
+        assert_eq!(jids.len(), out.len(), "one answer per JID");
+        for (js, os) in jids.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
+            let mut probes = [None; BATCH];
+            let mut touched = 0u64;
+            for (p, j) in probes.iter_mut().zip(js) {
+                let probe = self.probe(j.as_ref());
+                touched ^= self.user_shard(probe.hash).touch(&probe);
+                *p = Some(probe);
+            }
+            std::hint::black_box(touched);
+            for ((p, j), o) in probes.iter().zip(js).zip(os.iter_mut()) {
+                *o = p.and_then(|p| self.summary_of(&p, bare_of(j.as_ref())));
+            }
+        }
     }
 
     /// The control handle of a connection's session, if bound.
     pub fn handle_of(&self, conn: ConnId) -> Option<ConnHandle> {
-        let uh = self.user_hash_of(conn)?;
-        let users = self.users[shard_of(uh)].0.read();
-        let handle = users
-            .find(uh, |u| u.hash == uh && u.has(conn))?
-            .sessions()
-            .find(|s| s.conn == conn)
-            .map(|s| s.handle.clone());
-        handle
+        let (ch, shard) = self.conn_shard(conn);
+        let cs = shard.read();
+        cs.get(ch, conn).map(|(_, s)| s.handle.clone())
     }
 
     /// Number of users with at least one session.
     pub fn user_count(&self) -> usize {
         self.user_total.0.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the tracker holds, by part (walks every shard under its lock:
+    /// for benches and diagnostics, not for a hot path).
+    pub fn memory(&self) -> MemorySplit {
+        let mut m = MemorySplit::default();
+        for u in self.users.iter() {
+            let l = u.0.lock();
+            m.user_slots += l.table_bytes();
+            m.extra += l.w.extra.capacity() * (std::mem::size_of::<(ConnId, Vec<ConnId>)>() + 1)
+                + l.w
+                    .extra
+                    .values()
+                    .map(|v| v.capacity() * std::mem::size_of::<ConnId>())
+                    .sum::<usize>();
+        }
+        for c in self.conns.iter() {
+            let cs = c.0.read();
+            m.sessions += cs.bytes();
+            for n in 0..PAIR {
+                m.jids += cs
+                    .on(n)
+                    .iter()
+                    .map(|s| 16 + s.full_jid.len())
+                    .sum::<usize>();
+            }
+        }
+        m
     }
 }
 

@@ -275,3 +275,247 @@ fn presence_peek_on_captured_traffic() {
     );
     assert!(!seen.last().unwrap().available, "ends with unavailable");
 }
+
+#[tokio::test]
+async fn summaries_match_summary_one_by_one() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    let long = "a-rather-long-localpart-for-the-slow-path@conference.example.com";
+    for i in 0..100u64 {
+        let node = if i % 2 == 0 { N1 } else { N2 };
+        t.on_bind(&format!("u{i}@example.com/r"), N1, node, i, h.clone());
+    }
+    t.on_bind(&format!("{long}/x"), N2, N2, 1000, h.clone());
+    t.on_presence(
+        3,
+        Presence {
+            available: true,
+            ..Presence::default()
+        },
+    );
+    let mut jids: Vec<String> = (0..120u64).map(|i| format!("U{i}@example.com")).collect();
+    jids.push(long.to_uppercase());
+    jids.push(format!("{long}x"));
+    let mut out = vec![None; jids.len()];
+    t.summaries(&jids, &mut out);
+    for (j, o) in jids.iter().zip(&out) {
+        assert_eq!(*o, t.summary(j), "{j}");
+    }
+    assert_eq!(out.iter().filter(|o| o.is_some()).count(), 101);
+    assert!(out[3].unwrap().available);
+    assert_eq!(out[1].unwrap().serving, N2);
+    assert_eq!(out[120].unwrap().home, N2);
+    assert_eq!(out[121], None);
+}
+
+#[tokio::test]
+async fn long_keys_sharing_their_first_32_bytes_stay_apart() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    let a = "the-same-first-thirty-two-bytes-a@example.com";
+    let b = "the-same-first-thirty-two-bytes-b@example.com";
+    t.on_bind(&format!("{a}/1"), N1, N1, 1, h.clone());
+    assert_eq!(t.summary(b), None);
+    assert!(t.lookup(b).is_none());
+    t.on_bind(&format!("{b}/1"), N2, N2, 2, h.clone());
+    t.on_bind(&format!("{b}/2"), N2, N2, 3, h);
+    assert_eq!(t.summary(a).unwrap().sessions, 1);
+    assert_eq!(t.summary(b).unwrap().sessions, 2);
+    assert_eq!(t.user_count(), 2);
+    // The first session of b goes: b is still found by its second.
+    t.on_close(2);
+    assert_eq!(t.summary(b).unwrap().sessions, 1);
+    assert_eq!(t.lookup(b).unwrap().sessions[0].conn, 3);
+    t.on_close(3);
+    assert_eq!(t.summary(b), None);
+    assert_eq!(t.summary(a).unwrap().home, N1);
+}
+
+#[tokio::test]
+async fn availability_follows_every_session() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    let on = Presence {
+        available: true,
+        ..Presence::default()
+    };
+    for c in 1..=3 {
+        t.on_bind(&format!("eve@example.com/r{c}"), N1, N1, c, h.clone());
+    }
+    assert!(!t.summary("eve@example.com").unwrap().available);
+    t.on_presence(2, on);
+    assert!(t.summary("eve@example.com").unwrap().available);
+    t.on_presence(1, on);
+    t.on_presence(2, Presence::default());
+    assert!(t.summary("eve@example.com").unwrap().available);
+    // The only available session closes: the user is unavailable.
+    t.on_close(1);
+    let s = t.summary("eve@example.com").unwrap();
+    assert_eq!((s.sessions, s.available), (2, false));
+    t.on_presence(3, on);
+    t.on_close(2);
+    assert!(t.summary("eve@example.com").unwrap().available);
+    // Bind times survive the compact storage.
+    let u = t.lookup("eve@example.com").unwrap();
+    assert!(u.sessions[0].bound_at <= Instant::now());
+    assert!(t.handle_of(3).is_some());
+}
+
+#[tokio::test]
+async fn tables_grow_and_purge_tombstones() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    for round in 0..5u64 {
+        for i in 0..5000u64 {
+            let conn = round * 10_000 + i;
+            t.on_bind(&format!("g{i}@example.com/r"), N1, N2, conn, h.clone());
+        }
+        assert_eq!(t.user_count(), 5000);
+        for i in 0..5000u64 {
+            assert_eq!(t.summary(&format!("g{i}@example.com")).unwrap().sessions, 1);
+            t.on_close(round * 10_000 + i);
+        }
+        assert_eq!(t.user_count(), 0);
+        assert_eq!(t.count_on(N2), 0);
+    }
+    let m = t.memory();
+    assert_eq!(m.jids, 0);
+    assert!(m.user_slots > 0);
+}
+
+#[tokio::test]
+async fn memory_split_counts_the_parts() {
+    let t = Tracker::new();
+    let (h, _r) = handle();
+    for i in 0..1000u64 {
+        t.on_bind(&format!("m{i}@example.com/r"), N1, N1, i, h.clone());
+    }
+    t.on_bind("m1@example.com/second", N1, N1, 5000, h);
+    let m = t.memory();
+    assert!(m.user_slots >= 1000 * 64);
+    assert!(m.sessions >= 1001 * 64);
+    assert!(m.extra > 0);
+    let want: usize = (0..1000u64)
+        .map(|i| 16 + format!("m{i}@example.com/r").len())
+        .sum::<usize>()
+        + 16
+        + "m1@example.com/second".len();
+    assert_eq!(m.jids, want);
+}
+
+/// Readers never see a torn user: a slot freed by a transient user (home
+/// and serving N2) is taken by a lasting one (N1, N1) while readers look
+/// the lasting ones up, tables grow and tombstones are purged; a torn read
+/// would pair one user's key with the other's fields. Users nobody touches
+/// are always found, watched users moved between nodes always read whole.
+#[test]
+fn lock_free_reads_never_tear_or_miss() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const STABLE: u64 = 2000;
+    const ROUNDS: u64 = 1500;
+    let t = std::sync::Arc::new(Tracker::new());
+    let (h, _r) = handle();
+    for i in 0..STABLE {
+        t.on_bind(
+            &format!("s{i}@example.com/r"),
+            N1,
+            N2,
+            1_000_000 + i,
+            h.clone(),
+        );
+    }
+    let on = Presence {
+        available: true,
+        ..Presence::default()
+    };
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let done: std::sync::Arc<[AtomicU64; 2]> = std::sync::Arc::new(Default::default());
+    let mut writers = Vec::new();
+    for k in 0..2u64 {
+        let (t, h, done) = (t.clone(), h.clone(), done.clone());
+        writers.push(std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                // A watched user moved between nodes, one or two sessions.
+                let w = format!("w{k}@example.com");
+                let node = if round % 2 == 0 { N1 } else { N2 };
+                let base = 10_000 * (k + 1) + 4 * round;
+                t.on_bind(&format!("{w}/a"), node, node, base, h.clone());
+                t.on_bind(&format!("{w}/b"), node, node, base + 1, h.clone());
+                t.on_presence(base, on);
+                t.on_close(base + 1);
+                t.on_close(base);
+                // Transient users (even j) and lasting ones (odd j).
+                for j in 0..8u64 {
+                    let c = 5_000_000 + k * 1_000_000 + round * 8 + j;
+                    let n = if j % 2 == 0 { N2 } else { N1 };
+                    t.on_bind(
+                        &format!("c{k}x{round}x{j}@example.com/r"),
+                        n,
+                        n,
+                        c,
+                        h.clone(),
+                    );
+                }
+                for j in (0..8u64).step_by(2) {
+                    t.on_close(5_000_000 + k * 1_000_000 + round * 8 + j);
+                }
+                done[k as usize].store(round + 1, Ordering::Release);
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..3u64 {
+        let (t, stop, done) = (t.clone(), stop.clone(), done.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut rng = Xs(r + 1);
+            let mut batch = vec![None; 8];
+            let keys: Vec<String> = (0..8).map(|j| format!("S{j}@example.com")).collect();
+            let mut checked = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let k = rng.next() % 2;
+                if let Some(s) = t.summary(&format!("w{k}@example.com")) {
+                    assert_eq!(s.home, s.serving, "torn read {s:?}");
+                    assert!(s.sessions <= 2);
+                }
+                let d = done[k as usize].load(Ordering::Acquire);
+                if d > 0 {
+                    let round = rng.next() % d;
+                    let j = 1 + 2 * (rng.next() % 4);
+                    let s = t
+                        .summary(&format!("c{k}x{round}x{j}@example.com"))
+                        .expect("a lasting user is found");
+                    assert_eq!((s.home, s.serving, s.sessions), (N1, N1, 1), "torn read");
+                    checked += 1;
+                }
+                let s = t
+                    .summary(&format!("s{}@example.com", rng.next() % STABLE))
+                    .expect("an untouched user is always found");
+                assert_eq!((s.home, s.serving, s.sessions), (N1, N2, 1));
+                t.summaries(&keys, &mut batch);
+                assert!(batch.iter().all(|b| b.is_some_and(|s| s.serving == N2)));
+            }
+            checked
+        }));
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let checked: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(checked > 0);
+    assert_eq!(t.user_count() as u64, STABLE + 2 * ROUNDS * 4);
+    assert_eq!(t.count_on(N2) as u64, STABLE);
+    assert_eq!(t.count_on(N1) as u64, 2 * ROUNDS * 4);
+}
+
+/// xorshift64 for the tests' random picks.
+pub(super) struct Xs(pub u64);
+
+impl Xs {
+    pub(super) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
