@@ -342,7 +342,10 @@ impl Hints {
             .iter()
             .zip(slots)
             .map(|(u, after)| {
-                self.pacer.remember(u, now + after);
+                // A user the relay already told (its node died under it)
+                // keeps that turn.
+                let at = self.pacer.remember_first(u, now + after, now);
+                let after = at.saturating_duration_since(now);
                 Relogin {
                     after,
                     min: w.lower,
@@ -376,7 +379,11 @@ impl Hints {
             }
         };
         let (after, w) = spread.next(now);
-        self.pacer.remember(user, now + after);
+        // Every session of the user is told the same turn.
+        let after = self
+            .pacer
+            .remember_first(user, now + after, now)
+            .saturating_duration_since(now);
         self.stats.issued.fetch_add(1, Ordering::Relaxed);
         let hint = Relogin {
             after,

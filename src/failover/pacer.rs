@@ -441,6 +441,25 @@ impl Pacer {
         self.slots.insert(user.to_owned(), Slot { at, turn: false });
     }
 
+    /// Remembers a moved user's turn `at`, unless the user already has a
+    /// turn still ahead: a client is told one turn per incident, and a
+    /// second plan of the same incident (the relay saw the node die and
+    /// told the user, then the group's move lists the user again) must not
+    /// let it in before the turn it was told. Returns the turn in force.
+    pub fn remember_first(&self, user: &str, at: Instant, now: Instant) -> Instant {
+        match self.slots.entry(user.to_owned()) {
+            dashmap::Entry::Occupied(e) if e.get().at > now => e.get().at,
+            dashmap::Entry::Occupied(mut e) => {
+                e.insert(Slot { at, turn: false });
+                at
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Slot { at, turn: false });
+                at
+            }
+        }
+    }
+
     /// The user's remembered turn, if any and not expired.
     pub fn slot(&self, user: &str, now: Instant) -> Option<Slot> {
         let s = *self.slots.get(user)?;
@@ -916,6 +935,22 @@ mod tests {
         pacer.remember("bob@example.com", now);
         pacer.expire(now + Duration::from_secs(11));
         assert_eq!(pacer.pending_slots(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_plan_keeps_the_turn_the_client_was_told() {
+        let pacer = Pacer::new(&FailoverConfig::default(), 2);
+        let now = Instant::now();
+        let told = now + Duration::from_secs(7);
+        assert_eq!(pacer.remember_first(U, told, now), told);
+        // The group's move plans the user again, earlier: the told turn holds.
+        let again = pacer.remember_first(U, now + Duration::from_secs(1), now);
+        assert_eq!(again, told);
+        assert_eq!(pacer.slot(U, now).map(|s| s.at), Some(told));
+        // Once that turn has passed, a new incident's turn replaces it.
+        let later = now + Duration::from_secs(8);
+        let next = later + Duration::from_secs(3);
+        assert_eq!(pacer.remember_first(U, next, later), next);
     }
 
     #[tokio::test(start_paused = true)]
