@@ -630,6 +630,11 @@ pub struct FailoverConfig {
     /// retry at once do not loop.
     #[serde(with = "humantime_serde")]
     pub refuse_delay: Duration,
+    /// The furthest turn a refused login is given when its turn is the
+    /// pacer's estimate (the queue ahead at today's rate): a rate that grows
+    /// meanwhile then brings it in sooner. A planned slot stands.
+    #[serde(with = "humantime_serde")]
+    pub max_turn: Duration,
     /// The proxy's client-facing `host:port`: when set, evicted streams end
     /// with `<see-other-host>` naming it, which clients that do not reconnect
     /// after other stream errors follow by themselves.
@@ -650,6 +655,7 @@ impl Default for FailoverConfig {
             slot_grace: Duration::from_secs(600),
             shutdown_spread: Duration::from_secs(30),
             refuse_delay: Duration::from_secs(5),
+            max_turn: Duration::from_secs(30),
             redirect: None,
         }
     }
@@ -703,6 +709,7 @@ impl FailoverConfig {
         }
         for (k, d) in [
             ("max_hold", self.max_hold),
+            ("max_turn", self.max_turn),
             ("adjust_interval", self.adjust_interval),
             ("shutdown_spread", self.shutdown_spread),
         ] {

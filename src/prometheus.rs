@@ -17,7 +17,7 @@
 //! | `group_transitions_total`, `group_moves_total`, `group_evictions_total` | counter | |
 //! | `stanzas_bounced_total`, `sm_unretained_total` | counter | |
 //! | `hints_issued_total` | counter | |
-//! | `pacer_admitted_total`, `pacer_held_total`, `pacer_refused_total`, `pacer_held_seconds_total` | counter | |
+//! | `pacer_admitted_total`, `pacer_held_total`, `pacer_refused_total`, `pacer_abandoned_total`, `pacer_held_seconds_total` | counter | |
 //! | `pacer_rate`, `pacer_waiting` | gauge | `node` |
 //! | `pending_slots` | gauge | |
 //! | `temp_presence_pairs` | gauge | |
@@ -220,6 +220,12 @@ pub fn render(view: &ProxyView) -> String {
         "pacer_refused",
         "Logins refused by the pacer with a fresh hint",
         load(&stats.refused),
+    );
+    counter(
+        r,
+        "pacer_abandoned",
+        "Held logins whose client left before its turn (nothing reached the node)",
+        load(&stats.abandoned),
     );
     let held: Counter<f64, AtomicU64> = Counter::default();
     held.inc_by(load(&stats.held_ms) as f64 / 1000.0);

@@ -186,6 +186,46 @@ async fn a_client_that_ignores_its_hint_is_held_until_its_slot() {
     g.stop().await;
 }
 
+/// A client that gives up while its login is held leaves at once: the
+/// pacer counts it as abandoned and nothing of it reaches the node, so a
+/// storm of clients timing out costs the backup nothing.
+#[tokio::test]
+async fn a_client_that_leaves_while_held_costs_the_node_nothing() {
+    let mut g = group(1, ("3s", "4s"), "window = \"fixed\"").await;
+    let mut c = try_login(&g, "u00").await.unwrap();
+    g.view.group.failover(N1).await.unwrap();
+    let (e, at) = evicted(&mut c).await;
+    let h = hint_of(&e);
+    let tried = g.pair.nodes[1].logins_total();
+    // The client gives up half a second into the hold (its slot is 3 s or
+    // more away) and closes its connection.
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), try_login(&g, "u00")).await;
+    assert!(
+        gave_up.is_err(),
+        "a login seconds before its slot got an answer"
+    );
+    let stats = &g.view.hints.pacer().stats;
+    let abandoned = async {
+        while stats.abandoned.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(T, abandoned)
+        .await
+        .expect("the held login was not given up when its client left");
+    assert!(Instant::now() < at + h.after, "seen only at the slot");
+    assert_eq!(
+        g.pair.nodes[1].logins_total(),
+        tried,
+        "the node saw the login"
+    );
+    // At its slot the user gets in as usual.
+    tokio::time::sleep_until(at + h.after).await;
+    let _c = try_login(&g, "u00").await.unwrap();
+    assert_eq!(g.pair.nodes[1].logins_total(), tried + 1);
+    g.stop().await;
+}
+
 /// A login whose slot is further off than `max_hold` is refused, after
 /// `refuse_delay`, with <resource-constraint/> and a fresh hint naming the
 /// time left; a user whose node was not hit logs in at once meanwhile.

@@ -257,10 +257,13 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     let pair = SimPair::start(node("imp1"), c2)
         .await
         .map_err(|e| format!("node pair: {e}"))?;
+    // `max_hold` stays well below the simulated clients' 10 s step timeout,
+    // as it must below real clients' 30 s: a login held to the client's
+    // timeout is given up just as the node would take it.
     let failover = match mode {
         "unpaced" => "pacing = false\nwindow = \"fixed\"\n",
-        "fixed" => "window = \"fixed\"\n",
-        "adaptive" => "window = \"adaptive\"\n",
+        "fixed" => "window = \"fixed\"\nmax_hold = \"5s\"\n",
+        "adaptive" => "window = \"adaptive\"\nmax_hold = \"5s\"\n",
         m => return Err(format!("unknown mode {m}")),
     };
     let node2 = format!(

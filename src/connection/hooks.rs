@@ -10,6 +10,7 @@
 //! connection's context.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -84,14 +85,15 @@ impl Hooks {
         pacer: Arc<Pacer>,
         session: &SessionInfo,
         factories: &[Arc<dyn HookFactory>],
-        auth_forwarded_at: Instant,
+        sasl_node_time: Duration,
     ) -> Hooks {
         Hooks {
             login: Some(LoginHook {
                 pacer,
                 user: session.user.clone(),
                 node: session.node,
-                since: auth_forwarded_at,
+                node_time: sasl_node_time,
+                asked: None,
             }),
             tracker: TrackerHook {
                 tracker,
@@ -111,6 +113,9 @@ impl Hooks {
     /// Shows a client stanza to every hook.
     #[inline]
     pub fn client_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
+        if let Some(l) = &mut self.login {
+            l.asked.get_or_insert_with(Instant::now);
+        }
         self.tracker.client_stanza(frame, f, inject);
         for h in &mut self.others {
             h.client_stanza(frame, f, inject);
@@ -120,7 +125,7 @@ impl Hooks {
     /// Shows a node stanza to every hook.
     #[inline]
     pub fn node_stanza(&mut self, frame: &[u8], f: &Frame, inject: &mut Injections) {
-        if let Some(l) = &self.login {
+        if let Some(l) = &mut self.login {
             if l.done(frame, f) {
                 self.login = None;
             }
@@ -132,23 +137,30 @@ impl Hooks {
     }
 }
 
-/// Tells the login pacer how long the node took to log the user in (auth
-/// forwarded → bind result), or that it refused the login as overloaded.
+/// Tells the login pacer how long the node took to log the user in (its
+/// share of auth forwarded → bind result: the time from each client
+/// request to the node's answer, not the client's own round trips, so a
+/// slow client does not read as a loaded node), or that it refused the
+/// login as overloaded.
 struct LoginHook {
     pacer: Arc<Pacer>,
     user: Arc<str>,
     node: NodeId,
-    /// When the `<auth>` was forwarded.
-    since: Instant,
+    /// The node's time so far (the SASL exchange, then the bind).
+    node_time: Duration,
+    /// When the client's request the node has not answered yet was relayed.
+    asked: Option<Instant>,
 }
 
 impl LoginHook {
     /// Looks at a node stanza before the bind result; `true` once the
     /// login's outcome is known.
-    fn done(&self, frame: &[u8], f: &Frame) -> bool {
+    fn done(&mut self, frame: &[u8], f: &Frame) -> bool {
+        if let Some(t) = self.asked.take() {
+            self.node_time += t.elapsed();
+        }
         if peek::bind_result(frame, f).is_some() {
-            self.pacer
-                .logged_in(&self.user, self.node, self.since.elapsed());
+            self.pacer.logged_in(&self.user, self.node, self.node_time);
             return true;
         }
         if peek::element_name(frame) == b"failure" {

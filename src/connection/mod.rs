@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -248,6 +248,22 @@ struct ClientStream<S> {
     header_sent: bool,
 }
 
+/// Resolves when the client closes its side (or its connection fails)
+/// while its login waits for the pacer. What the client sends meanwhile
+/// stays in its read-ahead for the login to read later; past `limit`
+/// bytes of it the client is no longer watched (the login's own limits
+/// deal with it once admitted).
+async fn client_left<S: AsyncRead + Unpin>(c: &mut ClientStream<S>, limit: usize) {
+    while c.buf.len() < limit {
+        c.buf.reserve(1024);
+        match c.io.read_buf(&mut c.buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
 /// After TLS.
 pub struct Secured {
     client: ClientStream<BoxStream>,
@@ -289,7 +305,9 @@ pub struct Relaying {
     node: NodeStream,
     routed: Routed,
     /// When the `<auth>` was forwarded (for the login pacer).
-    forwarded_at: Instant,
+    /// How long the node took over the SASL exchange (its turns only,
+    /// not the client's).
+    sasl_node_time: Duration,
 }
 
 /// What the connect step produced.
@@ -504,12 +522,12 @@ impl ClientConnection {
             }
             .await;
             let counts = match step {
-                Ok((node, routed, forwarded_at)) => {
+                Ok((node, routed, sasl_node_time)) => {
                     return Ok(Relaying {
                         client: o.client,
                         node,
                         routed,
-                        forwarded_at,
+                        sasl_node_time,
                     })
                 }
                 Err(Refused::Retry(counts)) => counts,
@@ -554,8 +572,12 @@ impl ClientConnection {
         o: &mut Opened,
         mut node: NodeStream,
         routed: Routed,
-    ) -> Result<(NodeStream, Routed, Instant), Refused> {
-        let forwarded_at = Instant::now();
+    ) -> Result<(NodeStream, Routed, Duration), Refused> {
+        // The node's share of the exchange: from each forward to the
+        // node's answer (what the client takes in between is not the
+        // node's load).
+        let mut node_time = Duration::ZERO;
+        let mut asked = Some(Instant::now());
         let limits = &self.ctx.limits;
         let mut node_framer = Framer::in_open_stream(limits.max_stanza_bytes)
             .with_structure_limits(limits.max_depth, limits.max_attributes);
@@ -594,13 +616,16 @@ impl ClientConnection {
                         return Err(End::NodeClosed.into());
                     }
                 }
+                if let Some(t) = asked.take() {
+                    node_time += t.elapsed();
+                }
                 self.send(&mut o.client, &frame).await?;
                 node_turn = false;
                 let sasl = peek::contains(&frame[..f.head_end], stream::NS_SASL.as_bytes());
                 match f.name(&frame) {
                     b"success" if sasl => {
                         info!(user = %routed.id.bare, node = %node_name, "logged in");
-                        return Ok((node, routed, forwarded_at));
+                        return Ok((node, routed, node_time));
                     }
                     b"failure" if sasl => {
                         let temporary = peek::contains(&frame, b"temporary-auth-failure");
@@ -674,6 +699,7 @@ impl ClientConnection {
                     return Err(self.node_gone(o, routed.target, e).await.into());
                 }
                 node_turn = true;
+                asked.get_or_insert_with(Instant::now);
             }
             o.client.buf.reserve(limits.read_buffer_bytes);
             node.buf.reserve(limits.read_buffer_bytes);
@@ -867,6 +893,13 @@ impl ClientConnection {
             () = tokio::time::sleep_until(self.deadline) => {
                 return Err(self.pre_auth_over(&mut o.client, false).await.into());
             }
+            // A client that gives up while held costs nothing at the node:
+            // its turn passes to the next login.
+            () = client_left(&mut o.client, self.ctx.limits.max_stanza_bytes) => {
+                self.ctx.admission.pacer().stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                info!(user = %routed.id.bare, "client left while its login was held");
+                return Err(End::ClientClosed.into());
+            }
         };
         match decision {
             Admit::Go => Ok(Admitted { routed }),
@@ -946,7 +979,7 @@ impl ClientConnection {
             mut client,
             node,
             routed,
-            forwarded_at,
+            sasl_node_time,
         } = r;
         // The forwarded <auth> was split off the buffer it was read into
         // and would keep that whole buffer alive for the session's life.
@@ -977,7 +1010,7 @@ impl ClientConnection {
             ctx.admission.pacer().clone(),
             &session,
             &ctx.hooks,
-            forwarded_at,
+            sasl_node_time,
         );
         let user = session.user.clone();
         drop(bare);

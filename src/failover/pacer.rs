@@ -44,6 +44,8 @@ pub struct PacerParams {
     pub latency_tolerance: f64,
     /// How often the rate is revised.
     pub adjust_interval: Duration,
+    /// The furthest estimated turn a refused login is given.
+    pub max_turn: Duration,
 }
 
 impl From<&FailoverConfig> for PacerParams {
@@ -54,6 +56,7 @@ impl From<&FailoverConfig> for PacerParams {
             max_rate: c.max_rate,
             latency_tolerance: c.latency_tolerance,
             adjust_interval: c.adjust_interval,
+            max_turn: c.max_turn,
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct NodePacer {
     overloads: u32,
     /// A login waited for a token in this interval.
     limited: bool,
+    /// The proxy's own worst scheduling delay in this interval (how late
+    /// the token driver ran): a login latency read while the proxy itself
+    /// lags includes that lag, which is not the node's.
+    lag: Duration,
     /// A fixed re-login window's planned rate and how long it is in force
     /// (the window's end plus the time its slots are remembered): tokens
     /// accrue at exactly that rate, so the node sees the plan, and the
@@ -126,6 +133,7 @@ impl NodePacer {
             samples: 0,
             overloads: 0,
             limited: false,
+            lag: Duration::ZERO,
             plan: None,
             plan_overloaded: false,
             next_turn: now,
@@ -226,8 +234,12 @@ impl NodePacer {
     /// The turn of a login refused because `queued` logins wait ahead of
     /// it: after them, and after every turn already given to a refused
     /// login, at today's rate.
+    /// Never further off than `max_turn`: the estimate is at today's rate,
+    /// and a login told to come back sooner is weighed again then.
     pub fn turn(&mut self, now: Instant, queued: usize) -> Duration {
-        let at = (now + self.estimate(queued)).max(self.next_turn);
+        let at = (now + self.estimate(queued))
+            .max(self.next_turn)
+            .min(now + self.p.max_turn);
         let step = Duration::from_secs_f64(1.0 / self.effective_rate(now));
         self.next_turn = at + step;
         at - now
@@ -238,6 +250,13 @@ impl NodePacer {
         self.adjust(now);
         self.sum += latency.as_secs_f64();
         self.samples += 1;
+    }
+
+    /// The proxy's own scheduling ran `lag` late (the token driver's
+    /// timer fired that long after its time).
+    pub fn observe_lag(&mut self, now: Instant, lag: Duration) {
+        self.adjust(now);
+        self.lag = self.lag.max(lag);
     }
 
     /// The node refused a login as overloaded (or it timed out).
@@ -255,8 +274,12 @@ impl NodePacer {
         if let Some(m) = mean {
             self.base = Some(self.base.map_or(m, |b| b.min(m)));
         }
+        // A login's latency spans about two turns of the proxy's own
+        // scheduling (the request forwarded, the answer read): what the
+        // proxy lagged is taken off before the node is judged.
+        let own = 2.0 * self.lag.as_secs_f64();
         let slow = match (mean, self.base) {
-            (Some(m), Some(b)) => m > b * self.p.latency_tolerance,
+            (Some(m), Some(b)) => m - own > b * self.p.latency_tolerance,
             _ => false,
         };
         if self.overloads > 0 && !self.plan_overloaded {
@@ -305,6 +328,7 @@ impl NodePacer {
         self.samples = 0;
         self.overloads = 0;
         self.limited = false;
+        self.lag = Duration::ZERO;
     }
 }
 
@@ -339,6 +363,9 @@ pub struct PacerStats {
     pub held_ms: AtomicU64,
     /// Logins refused with a fresh hint.
     pub refused: AtomicU64,
+    /// Held logins whose client left before its turn (nothing reached the
+    /// node).
+    pub abandoned: AtomicU64,
     /// Logins that completed (bind result), per node.
     pub completed: [AtomicU64; 2],
 }
@@ -484,7 +511,18 @@ impl Pacer {
     /// Hands the tokens accrued at every node to its waiting logins. The
     /// driver calls this every [`TICK`].
     pub fn tick(&self, now: Instant) {
+        self.tick_late(now, Duration::ZERO);
+    }
+
+    /// [`Pacer::tick`], for a tick that ran `lag` after its time.
+    fn tick_late(&self, now: Instant, lag: Duration) {
         for g in &self.nodes {
+            if !lag.is_zero() {
+                g.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe_lag(now, lag);
+            }
             let want = g
                 .waiting
                 .load(Ordering::Relaxed)
@@ -503,8 +541,9 @@ impl Pacer {
         let mut t = tokio::time::interval(TICK);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            t.tick().await;
-            self.tick(Instant::now());
+            let due = t.tick().await;
+            let now = Instant::now();
+            self.tick_late(now, now.saturating_duration_since(due));
         }
     }
 
@@ -631,6 +670,7 @@ mod tests {
             max_rate: 1000.0,
             latency_tolerance: 3.0,
             adjust_interval: Duration::from_millis(500),
+            max_turn: Duration::from_secs(30),
         }
     }
 
@@ -906,6 +946,65 @@ mod tests {
         assert!(
             later < first / 2,
             "{later} in 2 s after overloads, {first} before"
+        );
+    }
+
+    /// Runs 6 s of a node at 100 logins/s wanted: 2 s at the unloaded
+    /// 50 ms, then 4 s at 200 ms (4x, over the 3x tolerance) while the
+    /// proxy's own driver ran `lag` late. Returns the rate at the end.
+    fn rate_after_slow_logins_with_lag(lag: Duration) -> f64 {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(params(), t0);
+        for ms in (5..=6_000).step_by(5) {
+            let now = t0 + Duration::from_millis(ms);
+            if ms >= 2_000 {
+                p.observe_lag(now, lag);
+            }
+            if ms % 10 == 0 {
+                let lat = if ms < 2_000 { 0.05 } else { 0.2 };
+                p.observe_latency(now, Duration::from_secs_f64(lat));
+            }
+            p.take(now, 10_000);
+        }
+        p.rate()
+    }
+
+    #[test]
+    fn latency_the_proxy_itself_lagged_is_not_blamed_on_the_node() {
+        // The same slow logins: with the proxy lagging 80 ms (which
+        // accounts for the extra 150 ms over two turns), the rate keeps
+        // growing; with a punctual proxy, the node is slow and the rate falls.
+        let lagging = rate_after_slow_logins_with_lag(Duration::from_millis(80));
+        let punctual = rate_after_slow_logins_with_lag(Duration::ZERO);
+        assert!(lagging > 100.0, "rate {lagging} while the proxy lagged");
+        assert!(
+            punctual < lagging / 2.0,
+            "rate {punctual} with a punctual proxy, {lagging} with a lagging one"
+        );
+    }
+
+    #[test]
+    fn an_estimated_turn_is_never_further_than_max_turn() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(
+            PacerParams {
+                initial_rate: 2.0,
+                ..params()
+            },
+            t0,
+        );
+        // 1,000 logins ahead at 2/s would be 500 s; and each refusal's
+        // turn stays within the bound, however many are refused.
+        for i in 0..100 {
+            let turn = p.turn(t0, 1_000);
+            assert!(turn <= params().max_turn, "turn {turn:?} for refusal {i}");
+        }
+        // A short queue still gets its estimate.
+        let mut q = NodePacer::new(params(), t0);
+        let turn = q.turn(t0, 20);
+        assert!(
+            turn > Duration::from_secs(1) && turn < Duration::from_secs(3),
+            "{turn:?}"
         );
     }
 
