@@ -6,7 +6,9 @@
 //! and the latency stays within `latency_tolerance` × the node's unloaded
 //! latency, multiplicatively at first and additively after the first sign
 //! of overload; it shrinks when the latency passes that bound or the node
-//! refuses logins as overloaded. Always within `[min_rate, max_rate]`.
+//! refuses logins as overloaded — at most halved per interval, and after a
+//! slowdown (not after refusals) back up multiplicatively to near the rate
+//! it began at. Always within `[min_rate, max_rate]`.
 //!
 //! [`Pacer`] puts it to work for every node:
 //!
@@ -70,6 +72,8 @@ const SLOW_START: f64 = 1.5;
 /// On overload, the rate drops at least to this share of what the node
 /// delivered in the interval.
 const DELIVERED_SHARE: f64 = 0.95;
+/// One interval's cut never takes the rate below this share of it.
+const MAX_CUT: f64 = 0.5;
 /// Rate growth per interval after it, as a share of the rate.
 const ADDITIVE: f64 = 0.04;
 /// Tokens never pile up beyond this many seconds' worth...
@@ -87,8 +91,10 @@ pub struct NodePacer {
     tokens: f64,
     last_refill: Instant,
     /// Below this rate the rate grows multiplicatively; at or above it,
-    /// additively. Set to what the node delivered at the last overload.
+    /// additively. After a cut, near the rate the overload began at.
     threshold: f64,
+    /// The rate when the current run of cuts began.
+    overload_began: Option<f64>,
     /// After a cut, overload signals of logins admitted before it are
     /// ignored until this time.
     calm_until: Instant,
@@ -126,6 +132,7 @@ impl NodePacer {
             tokens: 0.0,
             last_refill: now,
             threshold: f64::INFINITY,
+            overload_began: None,
             calm_until: now,
             base: None,
             interval_start: now,
@@ -301,18 +308,32 @@ impl NodePacer {
             let cut = self.rate * DECREASE;
             // What the node delivered says what it can take only when the
             // pacer was holding logins back; otherwise it is the demand.
+            // At most halved per interval: at a storm's start the
+            // completions lag the admissions by a login latency, and what
+            // the node delivered then understates what it can take.
             let to = if self.limited && delivered > 0.0 {
                 cut.min(delivered * DELIVERED_SHARE)
+                    .max(self.rate * MAX_CUT)
             } else {
                 cut
             };
+            let began = *self.overload_began.get_or_insert(self.rate);
             self.rate = to.max(self.p.min_rate);
-            self.threshold = self.rate;
+            // After a slowdown, back up multiplicatively to near where it
+            // began (a passing one costs seconds, not a minute of additive
+            // growth), additively from there; after logins refused as
+            // overloaded (failures a user sees), additively from here.
+            self.threshold = if self.overloads > 0 {
+                self.rate
+            } else {
+                self.rate.max(began * DECREASE)
+            };
             // Logins admitted before the cut still report the overload for
             // about one login latency.
             let lat = mean.unwrap_or(0.0).min(10.0);
             self.calm_until = now + Duration::from_secs_f64(lat) + self.p.adjust_interval;
         } else if self.overloads == 0 && !slow && self.limited {
+            self.overload_began = None;
             self.rate = if self.rate < self.threshold {
                 (self.rate * SLOW_START).min(self.threshold.max(self.rate + 1.0))
             } else {
@@ -322,6 +343,7 @@ impl NodePacer {
         } else if mean.is_none() && !self.limited {
             // Idle: the next storm starts with a fresh probe upwards.
             self.threshold = f64::INFINITY;
+            self.overload_began = None;
         }
         self.interval_start = now;
         self.sum = 0.0;
@@ -980,6 +1002,71 @@ mod tests {
         assert!(
             punctual < lagging / 2.0,
             "rate {punctual} with a punctual proxy, {lagging} with a lagging one"
+        );
+    }
+
+    #[test]
+    fn one_slow_interval_at_most_halves_the_rate() {
+        // A storm's first interval: logins wait for tokens at 100/s, but
+        // only 3 completions (slow ones) are in yet.
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(
+            PacerParams {
+                initial_rate: 100.0,
+                ..params()
+            },
+            t0,
+        );
+        for ms in [100, 200, 300] {
+            p.observe_latency(t0 + Duration::from_millis(ms), Duration::from_millis(50));
+        }
+        for ms in (505..=1000).step_by(5) {
+            let now = t0 + Duration::from_millis(ms);
+            p.take(now, 10_000);
+            if ms % 150 == 0 {
+                p.observe_latency(now, Duration::from_millis(500));
+            }
+        }
+        p.refill(t0 + Duration::from_millis(1005));
+        assert!(
+            (50.0..100.0).contains(&p.rate()),
+            "rate {} after one slow interval from 100/s",
+            p.rate()
+        );
+    }
+
+    #[test]
+    fn after_a_passing_slowdown_the_rate_is_back_within_seconds() {
+        let t0 = Instant::now();
+        let mut p = NodePacer::new(
+            PacerParams {
+                initial_rate: 100.0,
+                ..params()
+            },
+            t0,
+        );
+        // Logins always waiting; 50 ms at the node, except 400 ms (over
+        // the 3x tolerance) in 0.5-3 s; few completions then, as a
+        // slowed node delivers.
+        let mut lowest = f64::INFINITY;
+        for ms in (5..=5_500).step_by(5) {
+            let now = t0 + Duration::from_millis(ms);
+            p.take(now, 10_000);
+            let slow = (500..3000).contains(&ms);
+            if ms % if slow { 100 } else { 10 } == 0 {
+                let lat = if slow { 0.4 } else { 0.05 };
+                p.observe_latency(now, Duration::from_secs_f64(lat));
+            }
+            lowest = lowest.min(p.rate());
+        }
+        assert!(
+            lowest < 60.0,
+            "the slowdown did not lower the rate ({lowest})"
+        );
+        assert!(
+            p.rate() >= 80.0,
+            "rate {} 2.5 s after the slowdown ended (lowest {lowest})",
+            p.rate()
         );
     }
 
