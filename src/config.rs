@@ -655,7 +655,7 @@ impl Default for FailoverConfig {
             slot_grace: Duration::from_secs(600),
             shutdown_spread: Duration::from_secs(30),
             refuse_delay: Duration::from_secs(5),
-            max_turn: Duration::from_secs(30),
+            max_turn: Duration::from_secs(300),
             redirect: None,
         }
     }

@@ -392,15 +392,23 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
         tokio::spawn(async move {
             let mut per_second = Vec::new();
             let mut last = completed0;
+            let mut last_at = Instant::now();
             let mut tick = tokio::time::interval_at(
                 tokio::time::Instant::now() + Duration::from_secs(1),
                 Duration::from_secs(1),
             );
+            // A sample taken late (a busy machine) covers more than a
+            // second: each bucket is the count over the time it really
+            // spans, so a late tick shows no false peak.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while t0.elapsed() < bound && (last - completed0) < n as u64 {
                 tick.tick().await;
                 let now = node2.logins_completed();
-                per_second.push(now - last);
+                let at = Instant::now();
+                let span = at.duration_since(last_at).as_secs_f64().max(1e-3);
+                per_second.push(((now - last) as f64 / span).round() as u64);
                 last = now;
+                last_at = at;
             }
             per_second
         })
