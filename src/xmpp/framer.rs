@@ -171,26 +171,177 @@ const PREDEFINED: [&[u8]; 5] = [b"lt", b"gt", b"amp", b"quot", b"apos"];
 /// Longest entity or character reference (`&#x10FFFF;` is 10 bytes).
 const MAX_ENTITY: usize = 12;
 
+/// Byte classes, one table look-up per byte in the name and space loops.
+const SPACE: u8 = 1;
+const NAME: u8 = 2;
+const NAME_START: u8 = 4;
+
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let name = c.is_ascii_alphanumeric() || matches!(c, b':' | b'_' | b'-' | b'.') || c >= 0x80;
+        let mut k = 0;
+        if matches!(c, b' ' | b'\t' | b'\r' | b'\n') {
+            k |= SPACE;
+        }
+        if name {
+            k |= NAME;
+            if !c.is_ascii_digit() && c != b'-' && c != b'.' {
+                k |= NAME_START;
+            }
+        }
+        t[b] = k;
+        b += 1;
+    }
+    t
+};
+
+#[inline(always)]
 fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+    CLASS[b as usize] & SPACE != 0
 }
 
+#[inline(always)]
 fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-' | b'.') || b >= 0x80
+    CLASS[b as usize] & NAME != 0
 }
 
 /// End of a run of name bytes from `i` (before `end`): the whole name in
 /// one tight loop, not one state dispatch per byte.
-fn name_end(buf: &[u8], mut i: usize, end: usize) -> usize {
-    while i < end && is_name_byte(buf[i]) {
-        i += 1;
+#[inline]
+fn name_end(buf: &[u8], i: usize, end: usize) -> usize {
+    match buf.get(i..end) {
+        Some(run) => run
+            .iter()
+            .position(|&b| !is_name_byte(b))
+            .map_or(end, |k| i + k),
+        None => i.max(end),
     }
-    i
+}
+
+/// End of a run of spaces from `i` (before `end`).
+#[inline]
+fn space_end(buf: &[u8], i: usize, end: usize) -> usize {
+    match buf.get(i..end) {
+        Some(run) => run
+            .iter()
+            .position(|&b| !is_space(b))
+            .map_or(end, |k| i + k),
+        None => i.max(end),
+    }
+}
+
+/// Whether `a` starts with `name` (names are short: a byte loop, not a
+/// call to `memcmp`).
+#[inline(always)]
+fn same(a: &[u8], name: &[u8]) -> bool {
+    a.len() >= name.len() && a.iter().zip(name).all(|(x, y)| x == y)
 }
 
 /// A byte that may start a name (an element or attribute name).
+#[inline(always)]
 fn is_name_start(b: u8) -> bool {
-    is_name_byte(b) && !b.is_ascii_digit() && b != b'-' && b != b'.'
+    CLASS[b as usize] & NAME_START != 0
+}
+
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
+
+/// High bit set in each byte of `w` equal to the byte repeated in `splat`
+/// (plus, possibly, in bytes above the lowest match: only the lowest flag
+/// is exact, which is the one read).
+#[inline(always)]
+fn match_bits(w: u64, splat: u64) -> u64 {
+    let x = w ^ splat;
+    x.wrapping_sub(LO) & !x & HI
+}
+
+/// The 8 bytes of `s` from `i` as a little-endian word (the caller checked
+/// that they are there).
+#[inline(always)]
+fn word(s: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Bytes searched a word at a time before handing a long run to memchr's
+/// vector search: most runs of text between markup or entity references,
+/// and most attribute values, are shorter, and for them a call into memchr
+/// costs more than the search.
+const SHORT_RUN: usize = 32;
+
+/// First `a` or `b` in `s`.
+#[inline]
+fn find2(s: &[u8], a: u8, b: u8) -> Option<usize> {
+    let (sa, sb) = (LO * a as u64, LO * b as u64);
+    let mut i = 0;
+    while i + 8 <= s.len() {
+        if i >= SHORT_RUN {
+            return memchr::memchr2(a, b, &s[i..]).map(|k| i + k);
+        }
+        let w = word(s, i);
+        let m = match_bits(w, sa) | match_bits(w, sb);
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    s[i..].iter().position(|&c| c == a || c == b).map(|k| i + k)
+}
+
+/// Length (with the `;`) of the predefined entity reference whose name
+/// starts at `i`, read as one word without a branch (which of them comes
+/// next is as good as random); 0 for anything else or too near the end of
+/// `s`, left to the byte loop.
+#[inline(always)]
+fn predefined_len(s: &[u8], i: usize) -> usize {
+    const fn w(s: &[u8]) -> u64 {
+        let mut v = 0u64;
+        let mut k = s.len();
+        while k > 0 {
+            k -= 1;
+            v = (v << 8) | s[k] as u64;
+        }
+        v
+    }
+    const LT: u64 = w(b"lt;");
+    const GT: u64 = w(b"gt;");
+    const AMP: u64 = w(b"amp;");
+    const QUOT: u64 = w(b"quot;");
+    const APOS: u64 = w(b"apos;");
+    if i + 8 > s.len() {
+        return 0;
+    }
+    let x = word(s, i);
+    let (x3, x4, x5) = (x & 0xff_ffff, x & 0xffff_ffff, x & 0xff_ffff_ffff);
+    3 * ((x3 == LT) | (x3 == GT)) as usize
+        + 4 * (x4 == AMP) as usize
+        + 5 * ((x5 == QUOT) | (x5 == APOS)) as usize
+}
+
+/// First `a`, `b` or `c` in `s`.
+#[inline(always)]
+fn find3(s: &[u8], a: u8, b: u8, c: u8) -> Option<usize> {
+    let (sa, sb, sc) = (LO * a as u64, LO * b as u64, LO * c as u64);
+    let mut i = 0;
+    while i + 8 <= s.len() {
+        if i >= SHORT_RUN {
+            return memchr::memchr3(a, b, c, &s[i..]).map(|k| i + k);
+        }
+        let w = word(s, i);
+        let m = match_bits(w, sa) | match_bits(w, sb) | match_bits(w, sc);
+        if m != 0 {
+            return Some(i + (m.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    s[i..]
+        .iter()
+        .position(|&x| x == a || x == b || x == c)
+        .map(|k| i + k)
 }
 
 fn is_stream_name(name: &[u8]) -> bool {
@@ -280,6 +431,284 @@ impl Framer {
         f
     }
 
+    /// A start-tag name ends at `e` (it began at `self.mark`): checks it
+    /// and opens the element.
+    fn open_element(&mut self, buf: &[u8], e: usize) -> Result<(), FrameError> {
+        let s = self.mark;
+        if self.depth == 0 {
+            let name = &buf[s..e];
+            if !self.in_stream && !is_stream_name(name) {
+                return Err(FrameError::NotWellFormed("expected a stream header"));
+            }
+            if self.xml_decl_seen && !is_stream_name(name) {
+                return Err(FrameError::NotWellFormed(
+                    "XML declaration not followed by a stream header",
+                ));
+            }
+            self.name_start = s;
+            self.name_len = e - s;
+        }
+        if self.depth >= self.max_depth {
+            return Err(FrameError::TooDeep {
+                limit: self.max_depth,
+            });
+        }
+        self.open.push((s as u32, (e - s) as u32));
+        self.depth += 1;
+        self.attrs = 0;
+        self.attr_names.clear();
+        Ok(())
+    }
+
+    /// An attribute name ends at `e` (it began at `self.mark`): refuses a
+    /// second attribute of that name on the element.
+    #[inline]
+    fn attr_name(&mut self, buf: &[u8], e: usize) -> Result<(), FrameError> {
+        let name = &buf[self.mark..e];
+        let duplicate = self
+            .attr_names
+            .iter()
+            .any(|&(s, l)| l as usize == name.len() && same(&buf[s as usize..], name));
+        if duplicate {
+            return Err(FrameError::NotWellFormed("duplicate attribute"));
+        }
+        self.attr_names
+            .push((self.mark as u32, (e - self.mark) as u32));
+        Ok(())
+    }
+
+    /// An attribute value opens: one more attribute on the element.
+    fn count_attribute(&mut self) -> Result<(), FrameError> {
+        self.attrs += 1;
+        if self.attrs > self.max_attributes {
+            return Err(FrameError::TooManyAttributes {
+                limit: self.max_attributes,
+            });
+        }
+        Ok(())
+    }
+
+    /// An entity or character reference whose name starts at `self.mark`:
+    /// the offset just past its `;`, or `None` if the input (up to `lim`)
+    /// ends first, to be resumed in [`State::Entity`] at `lim`.
+    #[inline(never)]
+    fn entity(&self, buf: &[u8], lim: usize) -> Result<Option<usize>, FrameError> {
+        let mark = self.mark;
+        let run = buf.get(mark..lim).unwrap_or_default();
+        // The predefined entities text is full of, without the byte loop.
+        match run {
+            [b'l' | b'g', b't', b';', ..] => return Ok(Some(mark + 3)),
+            [b'a', b'm', b'p', b';', ..] => return Ok(Some(mark + 4)),
+            [b'q', b'u', b'o', b't', b';', ..] | [b'a', b'p', b'o', b's', b';', ..] => {
+                return Ok(Some(mark + 5))
+            }
+            _ => {}
+        }
+        for (k, &b) in run.iter().enumerate() {
+            if b == b';' {
+                check_entity(&run[..k])?;
+                return Ok(Some(mark + k + 1));
+            }
+            if k >= MAX_ENTITY
+                || !(b.is_ascii_alphanumeric() || b == b'#' || b == b'_' || b == b'-')
+            {
+                return Err(FrameError::NotWellFormed("bad entity reference"));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Fast path for a start tag whose name began at `self.mark` (its first
+    /// byte already checked; `i` is just past it): the name, then the rest
+    /// of the tag as [`Framer::tag`]. Returns where scanning stopped and the
+    /// state to resume in, with exactly the effects and errors the
+    /// byte-at-a-time states would have had up to there.
+    #[inline(always)]
+    fn start_tag(
+        &mut self,
+        buf: &[u8],
+        i: usize,
+        lim: usize,
+    ) -> Result<(usize, State), FrameError> {
+        let e = name_end(buf, i, lim);
+        if e >= lim {
+            return Ok((e, State::StartName));
+        }
+        self.open_element(buf, e)?;
+        self.tag(buf, e, lim)
+    }
+
+    /// Fast path for the inside of a start tag, from `i` in [`State::InTag`]:
+    /// attributes in tight loops (names by table, values by word-wide
+    /// search for the quote, `<` or `&`) up to the end of the tag. Stops
+    /// with the state to resume in at `lim`, and hands a tag that ends a
+    /// first-level start tag (which may finish a frame) back to the
+    /// byte-at-a-time states.
+    #[inline(always)]
+    fn tag(&mut self, buf: &[u8], mut i: usize, lim: usize) -> Result<(usize, State), FrameError> {
+        loop {
+            i = space_end(buf, i, lim);
+            let Some(&b) = buf.get(i).filter(|_| i < lim) else {
+                return Ok((i, State::InTag));
+            };
+            if is_name_start(b) {
+                self.mark = i;
+                let e = name_end(buf, i + 1, lim);
+                if e >= lim {
+                    return Ok((e, State::AttrName));
+                }
+                self.attr_name(buf, e)?;
+                i = space_end(buf, e, lim);
+                match buf.get(i).filter(|_| i < lim) {
+                    None => return Ok((i, State::BeforeEq)),
+                    Some(b'=') => i += 1,
+                    Some(_) => return Err(FrameError::NotWellFormed("attribute without a value")),
+                }
+                i = space_end(buf, i, lim);
+                let q = match buf.get(i).filter(|_| i < lim) {
+                    None => return Ok((i, State::AfterEq)),
+                    Some(&q) if q == b'"' || q == b'\'' => q,
+                    Some(_) => return Err(FrameError::NotWellFormed("unquoted attribute value")),
+                };
+                i += 1;
+                self.count_attribute()?;
+                // The value.
+                loop {
+                    let rest = buf.get(i..lim).unwrap_or_default();
+                    let Some(k) = find3(rest, q, b'<', b'&') else {
+                        return Ok((lim, State::AttrValue(q)));
+                    };
+                    i += k + 1;
+                    let c = rest[k];
+                    if c == q {
+                        break;
+                    }
+                    if c == b'<' {
+                        return Err(FrameError::NotWellFormed("'<' in an attribute value"));
+                    }
+                    let len = predefined_len(&buf[..lim], i);
+                    if len != 0 {
+                        i += len;
+                        continue;
+                    }
+                    self.mark = i;
+                    match self.entity(buf, lim)? {
+                        Some(j) => i = j,
+                        None => return Ok((lim, State::Entity(Some(q)))),
+                    }
+                }
+                // After the value: a space, or the end of the tag.
+                match buf.get(i).filter(|_| i < lim) {
+                    None => return Ok((i, State::AfterValue)),
+                    Some(&b) if is_space(b) => i += 1,
+                    Some(b'>' | b'/') => {}
+                    Some(_) => {
+                        return Err(FrameError::NotWellFormed("no space between attributes"))
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'>' => {
+                    if self.depth == 1 {
+                        return Ok((i, State::InTag));
+                    }
+                    return Ok((i + 1, State::Text));
+                }
+                b'/' => {
+                    let j = i + 1;
+                    match buf.get(j).filter(|_| j < lim) {
+                        None => return Ok((j, State::EmptyEnd)),
+                        Some(b'>') if self.depth > 1 => {
+                            self.open.pop();
+                            self.depth -= 1;
+                            return Ok((j + 1, State::Text));
+                        }
+                        Some(b'>') => return Ok((j, State::EmptyEnd)),
+                        Some(_) => {
+                            return Err(FrameError::NotWellFormed("'/' not followed by '>'"))
+                        }
+                    }
+                }
+                b'<' => return Err(FrameError::NotWellFormed("'<' inside a tag")),
+                _ => return Err(FrameError::NotWellFormed("bad character in a tag")),
+            }
+        }
+    }
+
+    /// Fast path for the content of an element, from `i` in [`State::Text`]:
+    /// character data by word-wide search for `<` or `&`, references, end
+    /// tags and start tags, all without going back to the state dispatch.
+    /// Stops at `lim`, at markup the byte-at-a-time states handle (`<!`,
+    /// `<?`, a bad byte after `<`), or at the end tag that closes the
+    /// first-level element, with the state to resume in.
+    fn content(
+        &mut self,
+        buf: &[u8],
+        mut i: usize,
+        lim: usize,
+    ) -> Result<(usize, State), FrameError> {
+        loop {
+            let rest = buf.get(i..lim).unwrap_or_default();
+            let Some(k) = find2(rest, b'<', b'&') else {
+                return Ok((i.max(lim), State::Text));
+            };
+            i += k + 1;
+            if rest[k] == b'&' {
+                let len = predefined_len(&buf[..lim], i);
+                if len != 0 {
+                    i += len;
+                    continue;
+                }
+                self.mark = i;
+                match self.entity(buf, lim)? {
+                    Some(j) => i = j,
+                    None => return Ok((lim, State::Entity(None))),
+                }
+                continue;
+            }
+            // After '<'.
+            let Some(&b) = buf.get(i).filter(|_| i < lim) else {
+                return Ok((i, State::Lt));
+            };
+            if b == b'/' {
+                i += 1;
+                self.mark = i;
+                let e = name_end(buf, i, lim);
+                if e >= lim {
+                    return Ok((e, State::EndName));
+                }
+                // Inside an element: the depth is at least 1.
+                let Some((os, ol)) = self.open.pop() else {
+                    return Err(FrameError::NotWellFormed("unexpected end tag"));
+                };
+                if ol as usize != e - i || !same(&buf[os as usize..], &buf[i..e]) {
+                    return Err(FrameError::NotWellFormed("mismatched end tag"));
+                }
+                self.depth -= 1;
+                i = e;
+                if self.depth == 0 {
+                    return Ok((i, State::EndTail));
+                }
+                i = space_end(buf, i, lim);
+                match buf.get(i).filter(|_| i < lim) {
+                    None => return Ok((i, State::EndTail)),
+                    Some(b'>') => i += 1,
+                    Some(_) => return Err(FrameError::NotWellFormed("bad end tag")),
+                }
+            } else if is_name_start(b) {
+                self.mark = i;
+                let (j, state) = self.start_tag(buf, i + 1, lim)?;
+                if state != State::Text {
+                    return Ok((j, state));
+                }
+                i = j;
+            } else {
+                return Ok((i, State::Lt));
+            }
+        }
+    }
+
     /// Scans `buf` (the unconsumed input, starting at the current frame) and
     /// returns the next complete frame, `Ok(None)` if more input is needed,
     /// or the reason the input is unacceptable. After an error the framer
@@ -290,6 +719,9 @@ impl Framer {
         // when the scan stops without a frame.
         let mut state = self.state;
         let n = buf.len();
+        // Nothing at or past the size cap is looked at (the fast paths
+        // stop there; the loop then reports the frame too large).
+        let lim = n.min(self.max_bytes);
         while i < n {
             if i >= self.max_bytes {
                 return Err(FrameError::TooLarge {
@@ -335,40 +767,18 @@ impl Framer {
                             self.mark = i;
                         }
                         _ if is_name_start(b) => {
-                            state = State::StartName;
                             self.mark = i - 1;
+                            (i, state) = self.start_tag(buf, i, lim)?;
                         }
                         _ => return Err(FrameError::NotWellFormed("bad character after '<'")),
                     }
                 }
                 State::StartName => {
                     if is_name_byte(b) {
-                        i = name_end(buf, i + 1, n.min(self.max_bytes));
+                        i = name_end(buf, i + 1, lim);
                         continue;
                     }
-                    let (s, e) = (self.mark, i);
-                    if self.depth == 0 {
-                        let name = &buf[s..e];
-                        if !self.in_stream && !is_stream_name(name) {
-                            return Err(FrameError::NotWellFormed("expected a stream header"));
-                        }
-                        if self.xml_decl_seen && !is_stream_name(name) {
-                            return Err(FrameError::NotWellFormed(
-                                "XML declaration not followed by a stream header",
-                            ));
-                        }
-                        self.name_start = s;
-                        self.name_len = e - s;
-                    }
-                    if self.depth >= self.max_depth {
-                        return Err(FrameError::TooDeep {
-                            limit: self.max_depth,
-                        });
-                    }
-                    self.open.push((s as u32, (e - s) as u32));
-                    self.depth += 1;
-                    self.attrs = 0;
-                    self.attr_names.clear();
+                    self.open_element(buf, i)?;
                     state = State::InTag;
                 }
                 State::InTag => {
@@ -379,7 +789,7 @@ impl Framer {
                     if is_name_start(b) {
                         self.mark = i;
                         state = State::AttrName;
-                        i = name_end(buf, i + 1, n.min(self.max_bytes));
+                        i = name_end(buf, i + 1, lim);
                         continue;
                     }
                     i += 1;
@@ -404,19 +814,10 @@ impl Framer {
                 }
                 State::AttrName => {
                     if is_name_byte(b) {
-                        i = name_end(buf, i + 1, n.min(self.max_bytes));
+                        i = name_end(buf, i + 1, lim);
                         continue;
                     }
-                    let name = &buf[self.mark..i];
-                    let duplicate = self
-                        .attr_names
-                        .iter()
-                        .any(|&(s, l)| &buf[s as usize..(s + l) as usize] == name);
-                    if duplicate {
-                        return Err(FrameError::NotWellFormed("duplicate attribute"));
-                    }
-                    self.attr_names
-                        .push((self.mark as u32, (i - self.mark) as u32));
+                    self.attr_name(buf, i)?;
                     state = State::BeforeEq;
                 }
                 State::BeforeEq => {
@@ -430,12 +831,7 @@ impl Framer {
                 State::AfterEq => {
                     i += 1;
                     if b == b'"' || b == b'\'' {
-                        self.attrs += 1;
-                        if self.attrs > self.max_attributes {
-                            return Err(FrameError::TooManyAttributes {
-                                limit: self.max_attributes,
-                            });
-                        }
+                        self.count_attribute()?;
                         state = State::AttrValue(b);
                     } else if !is_space(b) {
                         return Err(FrameError::NotWellFormed("unquoted attribute value"));
@@ -475,8 +871,8 @@ impl Framer {
                 State::AttrValue(q) => {
                     // Jump to the next quote, '<' or '&' (memchr is SIMD);
                     // control characters are checked once per frame.
-                    let rest = &buf[i..n.min(self.max_bytes)];
-                    let k = memchr::memchr3(q, b'<', b'&', rest);
+                    let rest = &buf[i..lim];
+                    let k = find3(rest, q, b'<', b'&');
                     let Some(k) = k else {
                         i += rest.len();
                         continue;
@@ -494,7 +890,7 @@ impl Framer {
                 }
                 State::EndName => {
                     if is_name_byte(b) {
-                        i = name_end(buf, i + 1, n.min(self.max_bytes));
+                        i = name_end(buf, i + 1, lim);
                         continue;
                     }
                     let (s, e) = (self.mark, i);
@@ -536,24 +932,7 @@ impl Framer {
                     }
                     state = State::Text;
                 }
-                State::Text => {
-                    // Hot loop: skip ordinary character data with memchr
-                    // (SIMD); control characters are checked once per frame.
-                    let rest = &buf[i..n.min(self.max_bytes)];
-                    let k = memchr::memchr2(b'<', b'&', rest);
-                    match k {
-                        None => i += rest.len(),
-                        Some(k) => {
-                            i += k + 1;
-                            if rest[k] == b'<' {
-                                state = State::Lt;
-                            } else {
-                                self.mark = i;
-                                state = State::Entity(None);
-                            }
-                        }
-                    }
-                }
+                State::Text => (i, state) = self.content(buf, i, lim)?,
                 State::Entity(q) => {
                     if b == b';' {
                         check_entity(&buf[self.mark..i])?;
@@ -642,22 +1021,31 @@ impl Framer {
 }
 
 /// Whether `s` holds a control character other than tab, LF and CR (not
-/// allowed anywhere in an XML 1.0 document, markup included). One pass over
-/// a whole frame, 64 bytes per step: the inner loop has no branch, so the
-/// compiler turns it into vector compares.
-fn has_control(s: &[u8]) -> bool {
-    let bad = |b: u8| (b < 0x20) & (b != b'\t') & (b != b'\n') & (b != b'\r');
+/// allowed anywhere in an XML 1.0 document, markup included) or U+FFFE /
+/// U+FFFF. One pass over a whole frame, 64 bytes per step: the inner loop
+/// has no branch, so the compiler turns it into vector compares; it flags
+/// control characters and 0xEF (the first byte of both non-characters, and
+/// rare in text), and only a flagged step is looked at closely.
+fn has_bad_char(s: &[u8]) -> bool {
+    let control = |b: u8| (b < 0x20) & (b != b'\t') & (b != b'\n') & (b != b'\r');
+    let close_look =
+        |at: usize, c: &[u8]| c.iter().any(|&b| control(b)) || has_non_character(s, at, c.len());
+    // Tab, LF and CR are flagged too (fewer compares per byte), and let
+    // through by the close look.
+    let flagged = |c: &[u8]| {
+        c.iter()
+            .fold(false, |any, &b| any | (b < 0x20) | (b == 0xEF))
+    };
     let mut chunks = s.chunks_exact(64);
+    let mut at = 0;
     for c in &mut chunks {
-        let mut any = false;
-        for &b in c {
-            any |= bad(b);
-        }
-        if any {
+        if flagged(c) && close_look(at, c) {
             return true;
         }
+        at += 64;
     }
-    chunks.remainder().iter().any(|&b| bad(b))
+    let c = chunks.remainder();
+    flagged(c) && close_look(at, c)
 }
 
 fn check_entity(name: &[u8]) -> Result<(), FrameError> {
@@ -695,18 +1083,20 @@ fn is_xml_char(c: u64) -> bool {
     matches!(c, 0x9 | 0xA | 0xD | 0x20..=0xD7FF | 0xE000..=0xFFFD | 0x10000..=0x10FFFF)
 }
 
-/// Whether `s` holds U+FFFE or U+FFFF (`EF BF BE` / `EF BF BF`), the two
-/// non-characters XML 1.0 excludes besides control characters.
-fn has_non_character(s: &[u8]) -> bool {
-    memchr::memchr_iter(0xEF, s)
-        .any(|k| s.get(k + 1) == Some(&0xBF) && matches!(s.get(k + 2), Some(0xBE | 0xBF)))
+/// Whether U+FFFE or U+FFFF (`EF BF BE` / `EF BF BF`), the two
+/// non-characters XML 1.0 excludes besides control characters, starts in
+/// the `len` bytes of `s` from `at`.
+fn has_non_character(s: &[u8], at: usize, len: usize) -> bool {
+    let run = s.get(at..at + len).unwrap_or_default();
+    memchr::memchr_iter(0xEF, run)
+        .any(|k| s.get(at + k + 1) == Some(&0xBF) && matches!(s.get(at + k + 2), Some(0xBE | 0xBF)))
 }
 
 /// Character-level checks of a complete frame: valid UTF-8 and no control
 /// characters or U+FFFE / U+FFFF. Done once per frame (two vectorised passes) rather than on
 /// every run of text between markup.
 fn check_chars(bytes: &[u8]) -> Result<(), FrameError> {
-    if has_control(bytes) || has_non_character(bytes) {
+    if has_bad_char(bytes) {
         return Err(FrameError::NotWellFormed("control character"));
     }
     check_utf8(bytes)
@@ -721,5 +1111,7 @@ fn check_utf8(bytes: &[u8]) -> Result<(), FrameError> {
     }
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

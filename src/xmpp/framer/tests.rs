@@ -401,3 +401,346 @@ fn attributes_over_the_limit_are_refused() {
     let mut f = Framer::in_open_stream(1 << 20).with_structure_limits(64, 5);
     assert!(f.next(spread.as_bytes()).unwrap().is_some());
 }
+
+/// Every result `next` gives when `input` arrives in reads ending at
+/// `cuts` (then the rest), asking again after each frame until it needs
+/// more input or fails.
+macro_rules! drive {
+    ($framer:expr, $input:expr, $cuts:expr) => {{
+        let mut f = $framer;
+        let input: &[u8] = $input;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        let mut from = 0;
+        'reads: for &to in $cuts.iter().chain(std::iter::once(&input.len())) {
+            buf.extend_from_slice(&input[from..to]);
+            from = to;
+            loop {
+                let r = f.next(&buf);
+                out.push(r.clone());
+                match r {
+                    Ok(Some(fr)) => drop(buf.drain(..fr.len)),
+                    Ok(None) => break,
+                    Err(_) => break 'reads,
+                }
+            }
+        }
+        out
+    }};
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    bytes: usize,
+    depth: u32,
+    attrs: u32,
+}
+
+fn results(input: &[u8], cuts: &[usize], l: Limits) -> Vec<Result<Option<Frame>, FrameError>> {
+    drive!(
+        Framer::new(l.bytes).with_structure_limits(l.depth, l.attrs),
+        input,
+        cuts
+    )
+}
+
+fn reference_results(
+    input: &[u8],
+    cuts: &[usize],
+    l: Limits,
+) -> Vec<Result<Option<Frame>, FrameError>> {
+    drive!(
+        super::reference::Reference::new(l.bytes).with_structure_limits(l.depth, l.attrs),
+        input,
+        cuts
+    )
+}
+
+const DEFAULT_LIMITS: Limits = Limits {
+    bytes: 262_144,
+    depth: DEFAULT_MAX_DEPTH,
+    attrs: DEFAULT_MAX_ATTRIBUTES,
+};
+
+/// The same results as the byte-at-a-time reference, read whole, split in
+/// two at every offset, and a byte at a time.
+fn assert_as_reference(input: &[u8], l: Limits) {
+    let whole = reference_results(input, &[], l);
+    assert_eq!(
+        results(input, &[], l),
+        whole,
+        "whole: {:?}",
+        String::from_utf8_lossy(input)
+    );
+    for cut in 0..=input.len() {
+        assert_eq!(
+            results(input, &[cut], l),
+            reference_results(input, &[cut], l),
+            "split at {cut}: {:?}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    let bytes: Vec<usize> = (1..input.len()).collect();
+    assert_eq!(
+        results(input, &bytes, l),
+        reference_results(input, &bytes, l),
+        "byte at a time: {:?}",
+        String::from_utf8_lossy(input)
+    );
+}
+
+#[test]
+fn a_tag_split_at_every_byte_frames_as_the_reference() {
+    let cases = [
+        "<message type='chat' to='user1@example.com' id=\"m1\" xml:lang='en'><body>hi</body><active xmlns='http://jabber.org/protocol/chatstates'/></message>",
+        "<presence id='p1'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='http://cisco.com/jabber' ver='k07nuHawZqmndRtf3ZfBm54FwL0='/></presence>",
+        "<iq type='set' id='push1'><query xmlns='jabber:iq:roster' ver='v1'><item jid='u@example.com' name='A &amp; B &#x1F600;' subscription='both'><group>Team &amp; Friends</group></item></query></iq>",
+        "<a  x = 'v'\t\ny=\"w\" ><b/><c z='1' /></a >",
+        "<r xmlns='urn:xmpp:sm:3'/> <a h='1'/>\n</stream:stream>",
+    ];
+    for c in cases {
+        assert_as_reference(&stream(c), DEFAULT_LIMITS);
+    }
+}
+
+#[test]
+fn attribute_values_with_gt_quotes_and_references_frame_as_the_reference() {
+    let cases = [
+        "<message to='a>b' id=\"x'y\" q='\"' r=\"'>'\"><body a='1>2/>'>t</body></message>",
+        "<m a='&gt;&quot;&apos;&#62;' b=\"&lt;&amp;\"/>",
+        "<m a='>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>'/>",
+        "<m a='a long value that runs past the short-run search before its quote'/>",
+        "<m a='&#x10FFFF;' b='&#9;'/>",
+        "<m a='x<y'/>",
+        "<m a='&bogus;'/>",
+        "<m a='&#0;'/>",
+        "<m a='&toolongreference;'/>",
+        "<m a=\"unterminated/>",
+        "<m a='1'b='2'/>",
+        "<m a='1' a='2'/>",
+        "<m a=x/>",
+        "<m a/>",
+        "<m a='1'/ >",
+    ];
+    for c in cases {
+        assert_as_reference(&stream(c), DEFAULT_LIMITS);
+    }
+}
+
+#[test]
+fn text_references_and_multibyte_characters_frame_as_the_reference() {
+    let long = "x".repeat(100);
+    let cases = [
+        format!("<message><body>héllo 世界 🎉 &lt;&amp;&gt; &#x1F600; &#233;{long}&amp;{long}é</body></message>"),
+        "<message><body>&amp</body></message>".to_string(),
+        "<message><body>&#xD800;</body></message>".to_string(),
+        "<message><body>a\u{1}b</body></message>".to_string(),
+        "<message><body>\u{FFFE}</body></message>".to_string(),
+        "<message><body>\u{FFFD}\u{FFFF}</body></message>".to_string(),
+        "<message><body><![CDATA[ <a> ]] ]]]></body></message>".to_string(),
+        "<message><body><!-- c --></body></message>".to_string(),
+        "<message><?pi x?></message>".to_string(),
+        "<message><body></message></body>".to_string(),
+        "<message><body></body ></message\n>".to_string(),
+        "<message><body></body x></message>".to_string(),
+        "<message><1/></message>".to_string(),
+        "<message></>".to_string(),
+        "<message>< a/></message>".to_string(),
+    ];
+    for c in cases {
+        assert_as_reference(&stream(&c), DEFAULT_LIMITS);
+    }
+    let mut bad = stream("<message><body>é");
+    bad.extend_from_slice(&[0xc3, 0x28, 0xe4, 0xbd]);
+    bad.extend_from_slice(b"</body></message>");
+    assert_as_reference(&bad, DEFAULT_LIMITS);
+}
+
+#[test]
+fn limits_hit_inside_fast_paths_as_in_the_reference() {
+    let input = stream("<message to='user@example.com' type='chat'><body>text &amp; more text that goes on</body><x a='1' b='2' c='3'/><y><z><w/></z></y></message>");
+    for bytes in (1..input.len() + 2).step_by(3) {
+        for (depth, attrs) in [(64, 50), (2, 50), (3, 2), (1, 0)] {
+            let l = Limits {
+                bytes,
+                depth,
+                attrs,
+            };
+            assert_eq!(
+                results(&input, &[], l),
+                reference_results(&input, &[], l),
+                "{bytes} {depth} {attrs}"
+            );
+            let cut = HDR.len() + bytes % 40;
+            assert_eq!(
+                results(&input, &[cut], l),
+                reference_results(&input, &[cut], l),
+                "{bytes} {depth} {attrs} cut {cut}"
+            );
+        }
+    }
+}
+
+/// Random concatenations of XMPP fragments, good and bad, against the
+/// reference, whole and split into random reads, under random limits.
+#[test]
+fn random_fragments_frame_as_the_reference() {
+    const PIECES: &[&str] = &[
+        HDR,
+        "<stream:stream>",
+        "</stream:stream>",
+        "<?xml version='1.0'?>",
+        "<message type='chat' to='u@example.com' id='m1'>",
+        "</message>",
+        "<body>",
+        "</body>",
+        "<iq type='get' id='1'>",
+        "</iq>",
+        "<x/>",
+        "<a b='1' c=\"2\"/>",
+        "<a b='>' c=\"'\"/>",
+        "<a b='1' b='2'/>",
+        "<a b='1'c='2'/>",
+        "<a b=c/>",
+        "<a b/>",
+        "<a\n\tb = 'x' >",
+        "</a>",
+        "</a >",
+        "héllo 世界 🎉 ",
+        "plain words and more plain words, then still more of them ",
+        "&amp;",
+        "&lt;ok&gt;",
+        "&#x41;",
+        "&#0;",
+        "&bogus;",
+        "&",
+        ";",
+        "<",
+        ">",
+        "/",
+        "=",
+        "'",
+        "\"",
+        " ",
+        "\t",
+        "\n",
+        "a",
+        "<![CDATA[ a ]] ]]>",
+        "<!-- c -->",
+        "<!DOCTYPE x>",
+        "<?pi?>",
+        "\u{FFFE}",
+        "\u{1}",
+        "</>",
+        "<1/>",
+    ];
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..4000 {
+        let mut input: Vec<u8> = if rnd() % 4 == 0 {
+            Vec::new()
+        } else {
+            HDR.as_bytes().to_vec()
+        };
+        for _ in 0..(rnd() % 24 + 1) {
+            match rnd() % 40 {
+                0 => input.push((rnd() & 0xff) as u8),
+                1 => input.extend_from_slice(&[0xef, 0xbf, 0xbe][..(rnd() % 3 + 1) as usize]),
+                _ => input
+                    .extend_from_slice(PIECES[(rnd() % PIECES.len() as u64) as usize].as_bytes()),
+            }
+        }
+        let l = match rnd() % 4 {
+            0 => Limits {
+                bytes: (rnd() % 300 + 1) as usize,
+                ..DEFAULT_LIMITS
+            },
+            1 => Limits {
+                bytes: 262_144,
+                depth: (rnd() % 4 + 1) as u32,
+                attrs: (rnd() % 3) as u32,
+            },
+            _ => DEFAULT_LIMITS,
+        };
+        let mut cuts: Vec<usize> = (0..rnd() % 6)
+            .map(|_| (rnd() as usize) % (input.len() + 1))
+            .collect();
+        cuts.sort_unstable();
+        assert_eq!(
+            results(&input, &cuts, l),
+            reference_results(&input, &cuts, l),
+            "round {round}, cuts {cuts:?}: {:?}",
+            String::from_utf8_lossy(&input)
+        );
+        if round % 50 == 0 {
+            assert_as_reference(&input, l);
+        }
+    }
+}
+
+#[test]
+fn mutated_captures_frame_as_the_reference() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for name in CAPTURES {
+        let base = capture(name);
+        for _ in 0..200 {
+            let mut input = base.clone();
+            for _ in 0..(rnd() % 8 + 1) {
+                let at = (rnd() as usize) % input.len();
+                input[at] = b"<>/='\"&; a\xc3\xef"[(rnd() % 12) as usize];
+            }
+            let cut = (rnd() as usize) % (input.len() + 1);
+            for l in [
+                DEFAULT_LIMITS,
+                Limits {
+                    bytes: 300,
+                    ..DEFAULT_LIMITS
+                },
+            ] {
+                assert_eq!(
+                    results(&input, &[cut], l),
+                    reference_results(&input, &[cut], l),
+                    "{name} cut {cut}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn word_searches_find_the_first_match() {
+    let mut seed: u64 = 0x1234_5678_9abc_def1;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20_000 {
+        let len = (rnd() % 80) as usize;
+        let s: Vec<u8> = (0..len)
+            .map(|_| b"<&'\x00\x01\xff\x80a;"[(rnd() % 9) as usize])
+            .collect();
+        assert_eq!(
+            find2(&s, b'<', b'&'),
+            s.iter().position(|&c| c == b'<' || c == b'&'),
+            "{s:?}"
+        );
+        assert_eq!(
+            find3(&s, b'\'', b'<', b'&'),
+            s.iter().position(|&c| c == b'\'' || c == b'<' || c == b'&'),
+            "{s:?}"
+        );
+    }
+}
