@@ -117,6 +117,10 @@ struct Common {
     /// Concurrent login workers.
     #[arg(long, default_value_t = 16)]
     login_workers: usize,
+    /// Throughput targets to measure (e.g. `prg-proxy/tls,haproxy/tls`);
+    /// all when not given.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -461,6 +465,9 @@ impl Bench {
             targets.push(("haproxy", *a, starttls, Some(a_p)));
             targets.push(("haproxy/plain", *b, Mode::Plain, Some(b_p)));
         }
+        if !self.c.only.is_empty() {
+            targets.retain(|t| self.c.only.iter().any(|o| o == t.0));
+        }
         for &size in &self.c.sizes {
             let mut rates: HashMap<&str, f64> = HashMap::new();
             let mut costs: HashMap<&str, f64> = HashMap::new();
@@ -499,7 +506,9 @@ impl Bench {
                     p / h
                 );
             }
-            let p = rates["prg-proxy"];
+            let Some(&p) = rates.get("prg-proxy") else {
+                continue;
+            };
             let ratio = |k: &str| {
                 rates
                     .get(k)
