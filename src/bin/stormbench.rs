@@ -108,6 +108,14 @@ struct PacerCounts {
 }
 
 impl UnderTest {
+    /// The proxy's CPU seconds so far, when it runs in its own process.
+    fn cpu_seconds(&self) -> Option<f64> {
+        match self {
+            UnderTest::InProcess(_) => None,
+            UnderTest::Process(p) => p.cpu_seconds(),
+        }
+    }
+
     async fn counts(&self) -> PacerCounts {
         match self {
             UnderTest::InProcess(b) => {
@@ -156,6 +164,9 @@ type Res<T> = Result<T, String>;
 struct Outcome {
     mode: String,
     evict: f64,
+    /// The proxy's CPU seconds from the crash until every stream was
+    /// closed (a proxy in its own process only).
+    evict_cpu: Option<f64>,
     peak: u64,
     planned: f64,
     node_failures: u64,
@@ -197,9 +208,10 @@ fn main() -> std::process::ExitCode {
         cli.users, cli.capacity, ideal, cli.naive
     );
     println!(
-        "{:>9} {:>8} {:>7} {:>7} {:>6} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6}  {:>22}",
+        "{:>9} {:>8} {:>7} {:>7} {:>7} {:>6} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6}  {:>22}",
         "mode",
         "evict s",
+        "cpu s",
         "peak/s",
         "plan/s",
         "pk/pl",
@@ -216,9 +228,10 @@ fn main() -> std::process::ExitCode {
     let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
     for o in &outs {
         println!(
-            "{:>9} {:>8.3} {:>7} {:>7.1} {:>6.2} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6.0}  {:>6.1}/{:<6.1} ({:.1}/{:.1})",
+            "{:>9} {:>8.3} {:>7} {:>7} {:>7.1} {:>6.2} {:>9} {:>7} {:>6} {:>7} {:>6} {:>6} {:>7} {:>6.0}  {:>6.1}/{:<6.1} ({:.1}/{:.1})",
             o.mode,
             o.evict,
+            o.evict_cpu.map_or("-".into(), |c| format!("{c:.2}")),
             o.peak,
             o.planned,
             o.peak as f64 / o.planned,
@@ -330,6 +343,7 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     let completed0 = pair.nodes[1].logins_completed();
     let failed0 = pair.nodes[1].logins_overloaded();
     let before = bench.counts().await;
+    let cpu0 = bench.cpu_seconds();
     let t0 = Instant::now();
     pair.nodes[0].kill();
     let closed = Arc::new(AtomicUsize::new(0));
@@ -413,12 +427,22 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
             per_second
         })
     };
-    let storm = chat(
-        &mut chatters,
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-    )
-    .await?;
+    // The proxy's CPU until every stream is closed.
+    let evicted = async {
+        while closed.load(Ordering::Relaxed) < n && t0.elapsed() < bound {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        bench.cpu_seconds()
+    };
+    let (storm, cpu1) = tokio::join!(
+        chat(
+            &mut chatters,
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+        ),
+        evicted
+    );
+    let storm = storm?;
     let mut back = Vec::new();
     let mut sessions = Vec::new();
     for t in tasks {
@@ -442,6 +466,7 @@ async fn run_mode(cli: &Cli, mode: &str) -> Res<Outcome> {
     };
     let out = Outcome {
         mode: mode.to_string(),
+        evict_cpu: cpu0.zip(cpu1).map(|(a, b)| b - a),
         evict: last_closed
             .lock()
             .map(|l| l.as_secs_f64())

@@ -916,13 +916,7 @@ mod tests {
     #[test]
     fn a_fixed_windows_plan_caps_the_rate_until_it_ends() {
         let t0 = Instant::now();
-        let mut p = NodePacer::new(
-            PacerParams {
-                initial_rate: 100.0,
-                ..params()
-            },
-            t0,
-        );
+        let mut p = at_100(t0);
         p.plan(t0, 10.0, t0 + Duration::from_secs(10));
         // Everyone waiting, for 5 s: the plan's 10/s (plus the burst), not 100/s.
         let mut got = 0;
@@ -982,6 +976,17 @@ mod tests {
         );
     }
 
+    /// A node pacer starting at 100 logins/s.
+    fn at_100(t0: Instant) -> NodePacer {
+        NodePacer::new(
+            PacerParams {
+                initial_rate: 100.0,
+                ..params()
+            },
+            t0,
+        )
+    }
+
     /// Runs 6 s of a node at 100 logins/s wanted: 2 s at the unloaded
     /// 50 ms, then 4 s at 200 ms (4x, over the 3x tolerance) while the
     /// proxy's own driver ran `lag` late. Returns the rate at the end.
@@ -1021,13 +1026,7 @@ mod tests {
         // A storm's first interval: logins wait for tokens at 100/s, but
         // only 3 completions (slow ones) are in yet.
         let t0 = Instant::now();
-        let mut p = NodePacer::new(
-            PacerParams {
-                initial_rate: 100.0,
-                ..params()
-            },
-            t0,
-        );
+        let mut p = at_100(t0);
         for ms in [100, 200, 300] {
             p.observe_latency(t0 + Duration::from_millis(ms), Duration::from_millis(50));
         }
@@ -1049,13 +1048,7 @@ mod tests {
     #[test]
     fn after_a_passing_slowdown_the_rate_is_back_within_seconds() {
         let t0 = Instant::now();
-        let mut p = NodePacer::new(
-            PacerParams {
-                initial_rate: 100.0,
-                ..params()
-            },
-            t0,
-        );
+        let mut p = at_100(t0);
         // Logins always waiting; 50 ms at the node, but 400 ms (over the
         // 3x tolerance, few completions, as a slowed node delivers) in
         // 0.5-1 s (the storm's first overload ends the slow start) and

@@ -312,6 +312,20 @@ impl BenchProxyProcess {
             .collect())
     }
 
+    /// The proxy process's CPU time so far (user + system, all threads),
+    /// in seconds; `None` once it is gone.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name (which may hold spaces): state is
+        // the first, utime the 12th, stime the 13th, in USER_HZ (100/s in
+        // the /proc ABI).
+        let rest = stat.rsplit_once(')')?.1;
+        let mut f = rest.split_whitespace().skip(11);
+        let utime: f64 = f.next()?.parse().ok()?;
+        let stime: f64 = f.next()?.parse().ok()?;
+        Some((utime + stime) / 100.0)
+    }
+
     /// One sample's value (exact name with labels), 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {
         self.metrics()

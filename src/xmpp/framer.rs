@@ -208,29 +208,26 @@ fn is_name_byte(b: u8) -> bool {
     CLASS[b as usize] & NAME != 0
 }
 
-/// End of a run of name bytes from `i` (before `end`): the whole name in
-/// one tight loop, not one state dispatch per byte.
-#[inline]
-fn name_end(buf: &[u8], i: usize, end: usize) -> usize {
+/// End of the run of bytes `keep` accepts from `i` (before `end`), in one
+/// tight loop, not one state dispatch per byte.
+#[inline(always)]
+fn run_end(buf: &[u8], i: usize, end: usize, keep: impl Fn(u8) -> bool) -> usize {
     match buf.get(i..end) {
-        Some(run) => run
-            .iter()
-            .position(|&b| !is_name_byte(b))
-            .map_or(end, |k| i + k),
+        Some(run) => run.iter().position(|&b| !keep(b)).map_or(end, |k| i + k),
         None => i.max(end),
     }
+}
+
+/// End of a run of name bytes from `i` (before `end`): the whole name at once.
+#[inline]
+fn name_end(buf: &[u8], i: usize, end: usize) -> usize {
+    run_end(buf, i, end, is_name_byte)
 }
 
 /// End of a run of spaces from `i` (before `end`).
 #[inline]
 fn space_end(buf: &[u8], i: usize, end: usize) -> usize {
-    match buf.get(i..end) {
-        Some(run) => run
-            .iter()
-            .position(|&b| !is_space(b))
-            .map_or(end, |k| i + k),
-        None => i.max(end),
-    }
+    run_end(buf, i, end, is_space)
 }
 
 /// Whether `a` starts with `name` (names are short: a byte loop, not a
