@@ -76,6 +76,7 @@ async fn metrics_show_sessions_and_logins_per_node() {
             > 0.0
     );
     assert_eq!(get(&s, "prg_proxy_pacer_refused_total", None), Some(0.0));
+    assert_eq!(get(&s, "prg_proxy_pacer_abandoned_total", None), Some(0.0));
     assert_eq!(get(&s, "prg_proxy_pending_slots", None), Some(0.0));
     assert!(get(&s, "prg_proxy_pacer_rate", Some(("node", "imp2"))).unwrap() > 0.0);
     // Each node's state, as a labelled gauge.
